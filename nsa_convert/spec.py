@@ -28,6 +28,10 @@ class SparsityParams:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.top_n < 3:
+            raise ValueError(
+                f"top_n must be at least 3 (the initial, previous and current blocks are forced), got {self.top_n}"
+            )
         if self.compress_block % self.compress_stride:
             raise ValueError(
                 f"compress_stride ({self.compress_stride}) must divide compress_block ({self.compress_block})"
@@ -44,7 +48,12 @@ class SparsityParams:
         if self.scale is not None:
             return self
         return SparsityParams(
-            self.block_size, self.top_n, self.window, self.compress_block, self.compress_stride, head_dim**-0.5
+            self.block_size,
+            self.top_n,
+            self.window,
+            self.compress_block,
+            self.compress_stride,
+            head_dim**-0.5,
         )
 
 

@@ -1,0 +1,17 @@
+"""nsa-convert: turn a dense GQA language model into a Native Sparse Attention model."""
+
+__version__ = "0.1.0"
+
+from nsa_convert.config import NSAConfig
+
+
+def __getattr__(name: str):
+    """Import the heavy API (transformers, torch.export) on first use, not at package import."""
+    if name in ("convert", "load", "plan"):
+        from nsa_convert import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'nsa_convert' has no attribute {name!r}")
+
+
+__all__ = ["NSAConfig", "__version__", "convert", "load", "plan"]

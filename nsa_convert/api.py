@@ -1,0 +1,365 @@
+"""The two verbs: `convert(src, out, NSAConfig(...))` and `load(out)`.  The CLI is a thin shell over them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from nsa_convert import __version__
+from nsa_convert.capture import Captured, capture, read_config
+from nsa_convert.checkpoint import CheckpointReader, ShardWriter, staged_output
+from nsa_convert.config import NSAConfig
+from nsa_convert.errors import CheckpointError, ConfigError, UnsupportedModelError
+from nsa_convert.nn.attention import NSAttention
+from nsa_convert.nn.install import build_site_module, install_nsa
+from nsa_convert.passes import RetargetDevice, plan_sites, rewrite_sites
+from nsa_convert.sites import AttentionSite, converted
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+# Files beside the weights that a converted checkpoint needs to be used as the source was.
+COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass
+class Plan:
+    """A model captured from its config, and the verdict for each attention site."""
+
+    model_dir: Path
+    model_config: PretrainedConfig
+    captured: Captured
+    sites: list[AttentionSite]
+    config: NSAConfig
+
+
+@dataclass
+class ConversionReport:
+    source: Path
+    output: Path
+    sites: list[AttentionSite]
+    tensors_copied: int
+    tensors_added: int
+    bytes_written: int
+    shards: list[str]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "source": str(self.source),
+            "output": str(self.output),
+            "converted_sites": len(converted(self.sites)),
+            "dense_sites": len(self.sites) - len(converted(self.sites)),
+            "sites": [site.to_dict() for site in self.sites],
+            "tensors_copied": self.tensors_copied,
+            "tensors_added": self.tensors_added,
+            "bytes_written": self.bytes_written,
+            "shards": self.shards,
+            "seconds": round(self.seconds, 3),
+            "notes": self.notes,
+        }
+
+
+def plan(model_dir: str | Path, config: NSAConfig | None = None, *, trust_remote_code: bool = False) -> Plan:
+    """Capture the model of `model_dir/config.json` (no weights read) and decide each attention site."""
+    model_dir = Path(model_dir)
+    config = config or NSAConfig()
+    model_config = read_config(model_dir, trust_remote_code=trust_remote_code)
+    captured = capture(model_config, trust_remote_code=trust_remote_code)
+    sites = plan_sites(captured.graph_module, model_config, config)
+    if not sites:
+        raise UnsupportedModelError("no attention call found in the model's graph", model_dir / "config.json")
+    if not converted(sites):
+        reasons = sorted({site.reason for site in sites if site.reason})
+        raise UnsupportedModelError(
+            "no attention site NSA can take: " + "; ".join(reasons), model_dir / "config.json"
+        )
+    return Plan(model_dir, model_config, captured, sites, config)
+
+
+def _expected_tensors(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Shapes the config implies, and for tied parameters the name they share storage with."""
+    shapes, first_name, aliases = {}, {}, {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
+        shapes[name] = tuple(tensor.shape)
+        owner = first_name.setdefault(id(tensor), name)
+        if owner != name:
+            aliases[name] = owner
+    persistent = set(model.state_dict())
+    return {name: shape for name, shape in shapes.items() if name in persistent}, aliases
+
+
+def check_weights(reader: CheckpointReader, model: nn.Module) -> list[str]:
+    """Every tensor the config implies is present with its shape (tied copies may be absent).
+
+    Returns notes on tensors the checkpoint holds beyond what the model uses (they are copied).
+    """
+    expected, aliases = _expected_tensors(model)
+    present = set(reader.names())
+    for name, shape in expected.items():
+        if name not in present:
+            if name in aliases and aliases[name] in present:
+                continue
+            tied_to = next((a for a, owner in aliases.items() if owner == name and a in present), None)
+            if tied_to is None:
+                raise CheckpointError(f"tensor '{name}' is missing from the checkpoint", reader.model_dir)
+            continue
+        info = reader.meta(name)
+        if tuple(info.shape) != shape:
+            raise CheckpointError(
+                f"tensor '{name}' has shape {list(info.shape)} but config.json implies {list(shape)}",
+                info.shard,
+            )
+    extra = sorted(present - set(expected))
+    return (
+        [f"{len(extra)} tensors not used by the model are copied unchanged: {', '.join(extra[:5])}"]
+        if extra
+        else []
+    )
+
+
+def _new_dtype(config: NSAConfig, reader: CheckpointReader, site: AttentionSite) -> torch.dtype:
+    if config.dtype != "auto":
+        return getattr(torch, config.dtype)
+    return reader.meta(f"{site.query_proj}.weight").dtype
+
+
+def _independent_copies(sites: list[AttentionSite], reader: CheckpointReader) -> dict[str, list[str]]:
+    """source tensor name → the names of its copies in the independent branches' projections."""
+    copies: dict[str, list[str]] = {}
+    names = set(reader.names())
+    for site in sites:
+        for kind, proj in (("k", site.key_proj), ("v", site.value_proj)):
+            for param in ("weight", "bias"):
+                if f"{proj}.{param}" in names:
+                    copies[f"{proj}.{param}"] = [
+                        f"{site.module}.nsa.{kind}_proj_{b}.{param}" for b in ("cmp", "slc")
+                    ]
+    return copies
+
+
+def initial_nsa_tensors(plan_: Plan, reader: CheckpointReader) -> Iterator[tuple[str, torch.Tensor]]:
+    """The conversion initialisation of each converted site's new parameters (copies excluded)."""
+    for index, site in enumerate(converted(plan_.sites)):
+        torch.manual_seed(plan_.config.seed + index)
+        module = build_site_module(plan_.captured.model, site, plan_.config)
+        dtype = _new_dtype(plan_.config, reader, site)
+        for name, tensor in module.state_dict().items():
+            if not name.startswith(("k_proj_", "v_proj_")):
+                yield f"{site.module}.nsa.{name}", tensor.to(dtype)
+
+
+def nsa_section(plan_: Plan, reader: CheckpointReader) -> dict:
+    return {
+        "converter": "nsa-convert",
+        "version": __version__,
+        "config": plan_.config.to_dict(),
+        "sites": [site.to_dict() for site in plan_.sites],
+        "source_fingerprint": reader.fingerprint(),
+    }
+
+
+def model_card(plan_: Plan) -> str:
+    sites = converted(plan_.sites)
+    dense = [site for site in plan_.sites if not site.convert]
+    cfg = plan_.config
+    lines = [
+        f"# {plan_.model_dir.name} (Native Sparse Attention)",
+        "",
+        f"Converted by nsa-convert {__version__} from `{plan_.model_dir.name}` "
+        f"({type(plan_.model_config).__name__.removesuffix('Config')}).",
+        "",
+        f"- {len(sites)} attention sites use NSA, {len(dense)} stay dense.",
+        f"- Compression: block {cfg.compress_block}, stride {cfg.compress_stride}; selection: block "
+        f"{cfg.block_size}, top {cfg.top_n}; window {cfg.window}; branch k/v: {cfg.branch_kv}.",
+        "- The original tensors are unchanged; the new ones live under `<attention module>.nsa.`.",
+        "",
+        "```python",
+        "import nsa_convert",
+        "model = nsa_convert.load('path/to/this/directory')",
+        "```",
+    ]
+    lines += [f"- kept dense: `{site.module}`: {site.reason}" for site in dense]
+    return "\n".join(lines) + "\n"
+
+
+def convert(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    config: NSAConfig | None = None,
+    *,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: ProgressCallback | None = None,
+) -> ConversionReport:
+    """Convert a dense checkpoint into an NSA one, streaming tensor by tensor; OUT_DIR appears only when complete."""
+    start = time.perf_counter()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    plan_ = plan(model_dir, config, trust_remote_code=trust_remote_code)
+    reader = CheckpointReader(model_dir, allow_pickle=allow_pickle)
+    notes = check_weights(reader, plan_.captured.model)
+    copies = (
+        _independent_copies(converted(plan_.sites), reader) if plan_.config.branch_kv == "independent" else {}
+    )
+    raw_config = json.loads((model_dir / "config.json").read_text())
+    copied = added = 0
+    with staged_output(out_dir, overwrite=overwrite, source=model_dir) as staging:
+        writer = ShardWriter(staging, max_shard_bytes=max_shard_bytes)
+        total, done = reader.total_bytes, 0
+        for name, tensor in reader.iter_tensors():
+            writer.add(name, tensor)
+            copied += 1
+            for alias in copies.get(name, ()):
+                writer.add(alias, tensor)
+                added += 1
+            done += tensor.numel() * tensor.element_size()
+            if progress:
+                progress(name, done, total)
+        for name, tensor in initial_nsa_tensors(plan_, reader):
+            writer.add(name, tensor)
+            added += 1
+        index = writer.finalize({"nsa_convert_version": __version__})
+        raw_config["nsa"] = nsa_section(plan_, reader)
+        (staging / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
+        for name in COPIED_FILES:
+            source = model_dir / name
+            if source.is_file() and not source.is_symlink():
+                shutil.copyfile(source, staging / name)
+        (staging / "README.md").write_text(model_card(plan_))
+    shards = sorted(set(index["weight_map"].values()))
+    return ConversionReport(
+        source=model_dir,
+        output=out_dir,
+        sites=plan_.sites,
+        tensors_copied=copied,
+        tensors_added=added,
+        bytes_written=sum((out_dir / shard).stat().st_size for shard in shards),
+        shards=shards,
+        seconds=time.perf_counter() - start,
+        notes=notes,
+    )
+
+
+def read_nsa_section(model_dir: Path) -> tuple[NSAConfig, list[AttentionSite]]:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ConfigError("config.json not found", model_dir)
+    try:
+        section = json.loads(path.read_text()).get("nsa")
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"not valid JSON ({err})", path) from None
+    if not isinstance(section, dict):
+        raise ConfigError("no 'nsa' section: not a checkpoint converted by nsa-convert", path)
+    return NSAConfig.from_dict(section["config"]), [
+        AttentionSite.from_dict(site) for site in section["sites"]
+    ]
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """from_pretrained reports the NSA tensors as unused: they are loaded right after, so silence it."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def load(
+    out_dir: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    backend: str = "auto",
+) -> PreTrainedModel:
+    """A converted checkpoint as a trainable transformers model with NSA at every converted site.
+
+    The module tree is the original one plus an `nsa` child per converted attention module, so
+    per-layer FSDP wrapping and activation checkpointing work as for the dense model.
+    """
+    out_dir = Path(out_dir)
+    config, sites = read_nsa_section(out_dir)
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(
+            str(out_dir), dtype=dtype or "auto", attn_implementation="sdpa"
+        )
+    modules = install_nsa(model, sites, config)
+    for module in modules:
+        module.backend = backend
+    reader = CheckpointReader(out_dir)
+    expected = [name for name in model.state_dict() if ".nsa." in name]
+    missing = sorted(set(expected) - set(reader.names()))
+    if missing:
+        raise CheckpointError(f"{len(missing)} NSA tensors are missing, e.g. '{missing[0]}'", out_dir)
+    model.load_state_dict({name: reader.get(name) for name in expected}, strict=False)
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def nsa_modules(model: nn.Module) -> dict[str, NSAttention]:
+    """The NSAttention modules of a loaded model, keyed by their attention module's path."""
+    return {name.removesuffix(".nsa"): m for name, m in model.named_modules() if isinstance(m, NSAttention)}
+
+
+def _bind(graph_module: torch.fx.GraphModule, model: nn.Module) -> None:
+    """Point the graph's parameters and buffers at the model's tensors (same names, shared storage)."""
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in tensors:
+        prefix, _, leaf = name.rpartition(".")
+        try:
+            owner = graph_module.get_submodule(prefix)
+        except AttributeError:
+            continue
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = tensor
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = tensor
+
+
+def rewritten_graph(plan_: Plan, model: nn.Module | None = None) -> torch.fx.GraphModule:
+    """The captured graph with every converted site rewritten into NSA.
+
+    Without `model` the graph keeps meta parameters and freshly initialised NSA modules (enough to
+    inspect or export it).  With a loaded model it shares the model's tensors and NSA modules and runs
+    on their device: it then computes the same function as the model.
+    """
+    graph_module = plan_.captured.graph_module
+    if model is None:
+        modules = {
+            site.module: build_site_module(plan_.captured.model, site, plan_.config)
+            for site in converted(plan_.sites)
+        }
+    else:
+        modules = nsa_modules(model)
+    rewrite_sites(graph_module, modules)
+    if model is not None:
+        _bind(graph_module, model)
+        RetargetDevice(next(model.parameters()).device)(graph_module)
+    return graph_module

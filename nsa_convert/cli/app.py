@@ -1,0 +1,65 @@
+"""The typer application and the shared error handling of every command."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from nsa_convert.errors import NSAConvertError, UsageError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Convert dense GQA models into NSA models."
+)
+stderr = Console(stderr=True)
+INTERRUPTED_EXIT = 130
+
+
+def fail(message: str, code: int) -> None:
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def terminate_as_interrupt():
+    """SIGTERM behaves like Ctrl-C, so the staging directory is removed on the way out."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_command(body: Callable[[], Any], *, debug: bool) -> Any:
+    """Run a command body: user errors become one line and an exit code, tracebacks only with --debug."""
+    try:
+        with terminate_as_interrupt():
+            return body()
+    except NSAConvertError as err:
+        if debug:
+            raise
+        fail(str(err), err.exit_code)
+    except ValueError as err:
+        if debug:
+            raise
+        fail(str(err), UsageError.exit_code)
+    except KeyboardInterrupt:
+        stderr.print("interrupted: nothing was written")
+        raise typer.Exit(INTERRUPTED_EXIT) from None
+
+
+def emit_json(data: dict) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+from nsa_convert.cli import convert as _convert  # noqa: E402,F401  (registers the command)

@@ -1,0 +1,132 @@
+"""NSAttention: the new parameters of one converted site and the NSA computation on SDPA-layout tensors.
+
+The rewritten FX graph calls this module in place of the SDPA node; the eager model calls it from the
+attention function that `nsa_convert.nn.install` registers with transformers.  One class, one function.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nsa_convert.config import NSAConfig
+from nsa_convert.nn.compression import BlockCompressor
+from nsa_convert.ops import nsa_attention
+from nsa_convert.sites import AttentionSite
+
+
+def _linear_like(linear: nn.Module) -> nn.Linear:
+    """An nn.Linear of the same shape (and bias) as a projection, for an independent branch's copy."""
+    weight = linear.weight
+    return nn.Linear(weight.shape[1], weight.shape[0], bias=getattr(linear, "bias", None) is not None)
+
+
+class NSAttention(nn.Module):
+    """Gates, compressors and (with branch_kv="independent") per-branch k/v projections of one site.
+
+    forward takes the tensors the dense SDPA call took, q [B, Hq, T, Dk], k [B, m·Hkv, T, Dk],
+    v [B, m·Hkv, T, Dv] (m = 3 when k/v carry the window, compressed and selected branches' heads
+    stacked in that order, else 1), plus the hidden state x [B, T, hidden] that fed the query
+    projection, and returns the attention output [B, Hq, T, Dv] as SDPA did.
+    """
+
+    def __init__(
+        self,
+        site: AttentionSite,
+        config: NSAConfig,
+        key_proj: nn.Module | None = None,
+        value_proj: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.num_q_heads = site.num_q_heads
+        self.num_kv_heads = site.num_kv_heads
+        self.params = config.sparsity(site.scale)
+        self.gate_cmp_logit = config.gate_cmp_logit
+        self.independent = config.branch_kv == "independent"
+        self.backend = "auto"
+        self.gate = nn.Linear(site.hidden_size, 3 * site.num_q_heads)
+        self.compress_k = BlockCompressor(
+            site.head_dim, config.compress_block, config.compress_stride, config.compress_hidden
+        )
+        self.compress_v = BlockCompressor(
+            site.v_head_dim, config.compress_block, config.compress_stride, config.compress_hidden
+        )
+        if self.independent:
+            if key_proj is None or value_proj is None:
+                raise ValueError(
+                    f"{site.module}: branch_kv='independent' needs the dense k and v projections"
+                )
+            self.k_proj_cmp = _linear_like(key_proj)
+            self.k_proj_slc = _linear_like(key_proj)
+            self.v_proj_cmp = _linear_like(value_proj)
+            self.v_proj_slc = _linear_like(value_proj)
+        self._hidden: torch.Tensor | None = None
+        self.reset_gate()
+
+    @torch.no_grad()
+    def reset_gate(self) -> None:
+        """Zero weights; logits (gate_cmp_logit, 0, 0): selection and window at 0.5 each sum to 1 exactly."""
+        self.gate.weight.zero_()
+        self.gate.bias.zero_()
+        self.gate.bias.view(self.num_q_heads, 3)[:, 0] = self.gate_cmp_logit
+
+    @torch.no_grad()
+    def copy_dense_projections(self, key_proj: nn.Module, value_proj: nn.Module) -> None:
+        """Independent branches start as copies of the dense k/v projections."""
+        for name, dense in (("k_proj", key_proj), ("v_proj", value_proj)):
+            for branch in ("cmp", "slc"):
+                getattr(self, f"{name}_{branch}").load_state_dict(dense.state_dict())
+
+    def capture_hidden(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook on the query projection: keep x_t for the gates of this call."""
+        self._hidden = args[0]
+
+    def widen_keys(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on the dense key projection: append the compressed and selected branches' heads.
+
+        The attention module then views, normalises and rotates all 3·Hkv heads as it did the dense
+        ones, and a KV cache stores each branch's keys.
+        """
+        return torch.cat([output, self.k_proj_cmp(args[0]), self.k_proj_slc(args[0])], dim=-1)
+
+    def widen_values(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on the dense value projection (see widen_keys)."""
+        return torch.cat([output, self.v_proj_cmp(args[0]), self.v_proj_slc(args[0])], dim=-1)
+
+    def take_hidden(self) -> torch.Tensor:
+        hidden, self._hidden = self._hidden, None
+        if hidden is None:
+            raise RuntimeError("NSA gates need the hidden state; the query projection's hook did not run")
+        return hidden
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, m·Hkv, T, D] → (window, compressed, selected) tensors in [B, T, Hkv, D] layout."""
+        x = x.transpose(1, 2)
+        if not self.independent:
+            return x, x, x
+        h = self.num_kv_heads
+        return x[:, :, :h], x[:, :, h : 2 * h], x[:, :, 2 * h :]
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, hidden: torch.Tensor):
+        batch, _, seq_len, _ = query.shape
+        gates = torch.sigmoid(self.gate(hidden).float()).view(batch, seq_len, self.num_q_heads, 3)
+        k_win, k_cmp, k_slc = self._split(key)
+        v_win, v_cmp, v_slc = self._split(value)
+        out = nsa_attention(
+            query.transpose(1, 2),
+            k_slc,
+            v_slc,
+            self.compress_k(k_cmp),
+            self.compress_v(v_cmp),
+            gates.to(query.dtype),
+            k_win=k_win if self.independent else None,
+            v_win=v_win if self.independent else None,
+            block_size=self.params.block_size,
+            top_n=self.params.top_n,
+            window=self.params.window,
+            compress_block=self.params.compress_block,
+            compress_stride=self.params.compress_stride,
+            scale=self.params.scale,
+            backend=self.backend,
+        )
+        return out.transpose(1, 2)

@@ -1,0 +1,106 @@
+"""Install NSA into a transformers model in place, keeping its module tree.
+
+Each converted attention module gains an `nsa` child (NSAttention).  A transformers attention
+function named "nsa" routes converted modules through it and every other module through SDPA, so
+layers kept dense (sliding-window ones, say) behave exactly as before.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from nsa_convert.config import NSAConfig
+from nsa_convert.nn.attention import NSAttention
+from nsa_convert.sites import AttentionSite, converted
+
+ATTN_IMPLEMENTATION = "nsa"
+
+
+def _check_unpadded_causal(mask: torch.Tensor | None, q_len: int, kv_len: int) -> None:
+    """NSA is causal by construction; refuse padding or custom masks rather than ignore them."""
+    if q_len != kv_len:
+        raise NotImplementedError(
+            "NSA layers compute full sequences; incremental decoding with a KV cache is not supported yet "
+            "(call the model with use_cache=False)"
+        )
+    if mask is None or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=allowed.device).tril()
+    if not torch.equal(allowed, causal.expand_as(allowed)):
+        raise ValueError(
+            "NSA layers take causal attention over unpadded sequences; this call passed a padding or custom "
+            "attention mask (pack documents without padding instead)"
+        )
+
+
+def nsa_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: NSA for converted modules, SDPA for the rest."""
+    nsa = getattr(module, "nsa", None)
+    if not isinstance(nsa, NSAttention):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    _check_unpadded_causal(attention_mask, query.shape[2], key.shape[2])
+    out = nsa(query, key, value, nsa.take_hidden())
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> None:
+    """Make "nsa" a transformers attention implementation (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, nsa_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def build_site_module(model: nn.Module, site: AttentionSite, config: NSAConfig) -> NSAttention:
+    """A freshly initialised NSAttention for `site`, with independent projections copied from the dense ones."""
+    key_proj = value_proj = None
+    if config.branch_kv == "independent":
+        key_proj, value_proj = model.get_submodule(site.key_proj), model.get_submodule(site.value_proj)
+    module = NSAttention(site, config, key_proj, value_proj)
+    if key_proj is not None and key_proj.weight.device.type != "meta":
+        module.copy_dense_projections(key_proj, value_proj)
+    return module
+
+
+def install_nsa(model: nn.Module, sites: list[AttentionSite], config: NSAConfig) -> list[NSAttention]:
+    """Attach an `nsa` child to every converted site and switch the model to the "nsa" attention function.
+
+    The new modules take the device and dtype of their attention module's parameters; their values are
+    the conversion initialisation until a state dict is loaded into them.
+    """
+    register_attention()
+    installed = []
+    for site in converted(sites):
+        attention = model.get_submodule(site.module)
+        reference = next(attention.parameters())
+        nsa = build_site_module(model, site, config).to(device=reference.device, dtype=reference.dtype)
+        attention.add_module("nsa", nsa)
+        model.get_submodule(site.query_proj).register_forward_pre_hook(nsa.capture_hidden)
+        if nsa.independent:
+            model.get_submodule(site.key_proj).register_forward_hook(nsa.widen_keys)
+            model.get_submodule(site.value_proj).register_forward_hook(nsa.widen_values)
+        installed.append(nsa)
+    set_attn_implementation(model, ATTN_IMPLEMENTATION)
+    return installed
+
+
+def set_attn_implementation(model: nn.Module, name: str) -> None:
+    """Point the model's config (and any sub-config) at attention implementation `name`."""
+    config = model.config
+    for sub in [config, *(getattr(config, key) for key in getattr(config, "sub_configs", {}))]:
+        if sub is not None:
+            sub._attn_implementation = name
