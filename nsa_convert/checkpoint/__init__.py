@@ -1,0 +1,14 @@
+"""Checkpoint I/O that never holds a whole model: a lazy reader, a shard-by-shard writer, staged output."""
+
+from nsa_convert.checkpoint.reader import SAFETENSORS_DTYPES, CheckpointReader, TensorInfo
+from nsa_convert.checkpoint.staging import install_sigterm_as_interrupt, staged_output
+from nsa_convert.checkpoint.writer import ShardWriter
+
+__all__ = [
+    "SAFETENSORS_DTYPES",
+    "CheckpointReader",
+    "ShardWriter",
+    "TensorInfo",
+    "install_sigterm_as_interrupt",
+    "staged_output",
+]
