@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from nsa_convert.spec import SparsityParams, num_visible_compressed, window_start
+from nsa_convert.spec import SparsityParams, num_compressed_blocks, num_visible_compressed, window_start
 
 
 def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
@@ -111,3 +111,36 @@ def naive_nsa(
                 g_cmp, g_slc, g_win = gates[b, t, hq].tolist()
                 out[b, t, hq] = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win
     return out, indices
+
+
+def random_inputs(
+    rng: torch.Generator,
+    params: SparsityParams,
+    *,
+    batch: int = 1,
+    seq_len: int = 37,
+    q_heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 8,
+    value_dim: int = 6,
+    windows: bool = False,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, torch.Tensor]:
+    """Fresh random NSA inputs (never zeros) keyed like nsa_forward's arguments; gates lie in (0, 1)."""
+    num_cmp = num_compressed_blocks(seq_len, params.compress_block, params.compress_stride)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=rng, dtype=torch.float64).to(dtype)
+
+    inputs = {
+        "q": randn(batch, seq_len, q_heads, head_dim),
+        "k": randn(batch, seq_len, kv_heads, head_dim),
+        "v": randn(batch, seq_len, kv_heads, value_dim),
+        "k_cmp": randn(batch, num_cmp, kv_heads, head_dim),
+        "v_cmp": randn(batch, num_cmp, kv_heads, value_dim),
+        "gates": torch.rand(batch, seq_len, q_heads, 3, generator=rng, dtype=torch.float64).to(dtype),
+    }
+    if windows:
+        inputs["k_win"] = randn(batch, seq_len, kv_heads, head_dim)
+        inputs["v_win"] = randn(batch, seq_len, kv_heads, value_dim)
+    return inputs
