@@ -337,10 +337,8 @@ def _bind(graph_module: torch.fx.GraphModule, model: nn.Module) -> None:
             owner = graph_module.get_submodule(prefix)
         except AttributeError:
             continue
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = tensor
-        elif leaf in owner._buffers:
-            owner._buffers[leaf] = tensor
+        if hasattr(owner, leaf):
+            setattr(owner, leaf, tensor)
 
 
 def rewritten_graph(plan_: Plan, model: nn.Module | None = None) -> torch.fx.GraphModule:

@@ -70,16 +70,20 @@ def choose_attn_implementation(config: PretrainedConfig, *, trust_remote_code: b
 
 
 def export_model(model: nn.Module, vocab_size: int) -> torch.fx.GraphModule:
-    """torch.export (non-strict) with dynamic batch and sequence; returns the unlifted GraphModule."""
+    """torch.export (non-strict) with dynamic batch and sequence; returns the unlifted GraphModule.
+
+    Dim.AUTO lets the model bound the sequence (e.g. by its position table) instead of failing.
+    """
     input_ids = torch.randint(0, max(vocab_size, 2), (2, EXAMPLE_SEQ_LEN), device="meta")
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    seq = torch.export.Dim("seq", min=2, max=1 << 20)
     try:
         program = torch.export.export(
             model,
             (),
             {"input_ids": input_ids, "use_cache": False},
-            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "use_cache": None},
+            dynamic_shapes={
+                "input_ids": {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},
+                "use_cache": None,
+            },
             strict=False,
         )
     except Exception as err:  # torch.export raises many types; the user needs the first line

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from collections.abc import Callable
-from contextlib import contextmanager
 from typing import Any
 
 import typer
 from rich.console import Console
 
-from nsa_convert.errors import NSAConvertError, UsageError
+from nsa_convert.checkpoint import install_sigterm_as_interrupt
+from nsa_convert.errors import NSAConvertError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Convert dense GQA models into NSA models."
 )
 stderr = Console(stderr=True)
+
+
+@app.callback()
+def root() -> None:
+    """Convert dense GQA models into Native Sparse Attention models (see README.md)."""
+
+
 INTERRUPTED_EXIT = 130
 
 
@@ -26,33 +32,15 @@ def fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-@contextmanager
-def terminate_as_interrupt():
-    """SIGTERM behaves like Ctrl-C, so the staging directory is removed on the way out."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_command(body: Callable[[], Any], *, debug: bool) -> Any:
     """Run a command body: user errors become one line and an exit code, tracebacks only with --debug."""
     try:
-        with terminate_as_interrupt():
+        with install_sigterm_as_interrupt():
             return body()
     except NSAConvertError as err:
         if debug:
             raise
         fail(str(err), err.exit_code)
-    except ValueError as err:
-        if debug:
-            raise
-        fail(str(err), UsageError.exit_code)
     except KeyboardInterrupt:
         stderr.print("interrupted: nothing was written")
         raise typer.Exit(INTERRUPTED_EXIT) from None

@@ -68,15 +68,18 @@ def convert(
     from nsa_convert.api import convert as convert_model
 
     def body():
-        config = NSAConfig(
-            block_size=block_size,
-            top_n=top_n,
-            window=window,
-            compress_block=compress_block,
-            compress_stride=compress_stride,
-            branch_kv=branch_kv,
-            dtype=dtype,
-        )
+        try:
+            config = NSAConfig(
+                block_size=block_size,
+                top_n=top_n,
+                window=window,
+                compress_block=compress_block,
+                compress_stride=compress_stride,
+                branch_kv=branch_kv,
+                dtype=dtype,
+            )
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         shard_bytes = parse_size(max_shard_size)
         with Progress(
             TextColumn("{task.description}"),

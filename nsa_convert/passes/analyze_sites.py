@@ -77,16 +77,32 @@ def layer_index(path: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def _is_full_slice(node: object) -> bool:
+    """x[..., 0:∞] — what indexing with `:` or `None` leaves in a graph with symbolic shapes."""
+    if not (isinstance(node, Node) and node.op == "call_function" and node.target == aten.slice.Tensor):
+        return False
+    start = node.args[2] if len(node.args) > 2 else 0
+    end = node.args[3] if len(node.args) > 3 else None
+    step = node.args[4] if len(node.args) > 4 else 1
+    return start in (0, None) and (end is None or (isinstance(end, int) and end >= 2**62)) and step == 1
+
+
+def _skip_full_slices(node: Node) -> Node:
+    while _is_full_slice(node):
+        node = node.args[0]
+    return node
+
+
 def unrepeat_kv(node: Node) -> Node:
     """Undo transformers' repeat_kv (unsqueeze → expand → reshape) to reach the tensor with Hkv heads."""
     if not (node.op == "call_function" and node.target in (aten.reshape.default, aten.view.default)):
         return node
-    expand = node.args[0]
+    expand = _skip_full_slices(node.args[0])
     if not (isinstance(expand, Node) and expand.target == aten.expand.default):
         return node
-    unsqueeze = expand.args[0]
+    unsqueeze = _skip_full_slices(expand.args[0])
     if isinstance(unsqueeze, Node) and unsqueeze.target == aten.unsqueeze.default and unsqueeze.args[1] == 2:
-        return unsqueeze.args[0]
+        return _skip_full_slices(unsqueeze.args[0])
     return node
 
 

@@ -62,19 +62,28 @@ class RewriteToNSA(PassBase):
 
 
 class RetargetDevice(PassBase):
-    """Make tensors the graph creates itself (aranges, masks) land on `device` instead of meta."""
+    """Make tensors the graph creates itself (aranges, masks) land on `device` instead of meta,
+    in nested graphs (autocast or no-grad regions) too."""
 
     def __init__(self, device: torch.device | str):
         super().__init__()
         self.device = torch.device(device)
 
+    def _retarget(self, value: object) -> object:
+        return self.device if isinstance(value, torch.device) else value
+
     def call(self, graph_module: GraphModule) -> PassResult:
         modified = False
-        for node in graph_module.graph.nodes:
-            device = node.kwargs.get("device")
-            if isinstance(device, torch.device) and device != self.device:
-                node.kwargs = {**node.kwargs, "device": self.device}
+        for module in graph_module.modules():
+            if not isinstance(module, GraphModule):
+                continue
+            changed = False
+            for node in module.graph.nodes:
+                args, kwargs = torch.fx.node.map_aggregate((node.args, node.kwargs), self._retarget)
+                if (args, kwargs) != (node.args, node.kwargs):
+                    node.args, node.kwargs = args, kwargs
+                    changed = True
+            if changed:
+                module.recompile()
                 modified = True
-        if modified:
-            graph_module.recompile()
         return PassResult(graph_module, modified)
