@@ -50,4 +50,4 @@ def emit_json(data: dict) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
-from nsa_convert.cli import convert as _convert  # noqa: E402,F401  (registers the command)
+from nsa_convert.cli import batch, convert, inspect, verify  # noqa: E402,F401  (register the commands)
