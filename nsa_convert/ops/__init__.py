@@ -1,0 +1,423 @@
+"""NSA as torch.library custom ops, so that models using it trace under torch.export and train.
+
+`nsa_convert::nsa_attention` returns (out, lse, indices) and dispatches to a backend: "reference"
+(`nsa_convert.reference`, any device) or "triton" (`nsa_convert.kernels`, CUDA).  Its backward is a second
+op, `nsa_convert::nsa_attention_backward`, so the backward is backend-specific and traceable as well.
+`nsa_convert::select_blocks` exposes the block selection alone.  Use the Python wrappers below: they
+validate inputs, resolve the default scale and the "auto" backend, then call the ops.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nsa_convert import reference
+from nsa_convert.spec import SparsityParams, num_compressed_blocks
+
+__all__ = ["BACKENDS", "nsa_attention", "nsa_attention_with_stats", "select_blocks"]
+
+BACKENDS = ("auto", "reference", "triton")
+"""Accepted `backend` names; "auto" means "triton" for CUDA inputs when Triton imports, else "reference"."""
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    return "triton" if device.type == "cuda" and _triton_available() else "reference"
+
+
+def _implementation(backend: str, name: str) -> Any:
+    """`name` (nsa_forward, nsa_backward or select_blocks) of the backend's module."""
+    module: ModuleType
+    if backend == "reference":
+        module = reference
+    elif backend == "triton":
+        import nsa_convert.kernels as module
+    else:
+        raise ValueError(f"backend must be 'reference' or 'triton' inside the op, got {backend!r}")
+    function = getattr(module, name, None)
+    if function is None:
+        raise NotImplementedError(f"the {backend!r} backend does not provide {module.__name__}.{name} yet")
+    return function
+
+
+def _params(
+    block_size: int, top_n: int, window: int, compress_block: int, compress_stride: int, scale: float
+) -> SparsityParams:
+    return SparsityParams(block_size, top_n, window, compress_block, compress_stride, scale)
+
+
+@torch.library.custom_op("nsa_convert::nsa_attention", mutates_args=())
+def _nsa_attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    gates: Tensor,
+    k_win: Tensor | None,
+    v_win: Tensor | None,
+    block_size: int,
+    top_n: int,
+    window: int,
+    compress_block: int,
+    compress_stride: int,
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    params = _params(block_size, top_n, window, compress_block, compress_stride, scale)
+    return _implementation(backend, "nsa_forward")(q, k, v, k_cmp, v_cmp, gates, params, k_win, v_win)
+
+
+@_nsa_attention_op.register_fake
+def _nsa_attention_fake(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    gates: Tensor,
+    k_win: Tensor | None,
+    v_win: Tensor | None,
+    block_size: int,
+    top_n: int,
+    window: int,
+    compress_block: int,
+    compress_stride: int,
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    batch, seq_len, num_q_heads, _ = q.shape
+    out = q.new_empty(batch, seq_len, num_q_heads, v.shape[-1])
+    lse = q.new_empty(batch, seq_len, num_q_heads, 3, dtype=torch.float32)
+    indices = q.new_empty(batch, seq_len, k.shape[2], top_n, dtype=torch.long)
+    return out, lse, indices
+
+
+@torch.library.custom_op("nsa_convert::nsa_attention_backward", mutates_args=())
+def _nsa_attention_backward_op(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    gates: Tensor,
+    k_win: Tensor | None,
+    v_win: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    indices: Tensor,
+    block_size: int,
+    top_n: int,
+    window: int,
+    compress_block: int,
+    compress_stride: int,
+    scale: float,
+    backend: str,
+) -> list[Tensor]:
+    """[dq, dk, dv, dk_cmp, dv_cmp, dgates] followed by [dk_win, dv_win] when k_win/v_win are given."""
+    params = _params(block_size, top_n, window, compress_block, compress_stride, scale)
+    backward = _implementation(backend, "nsa_backward")
+    grads = backward(grad_out, q, k, v, k_cmp, v_cmp, gates, k_win, v_win, out, lse, indices, params)
+    return [g for g in grads if g is not None]
+
+
+@_nsa_attention_backward_op.register_fake
+def _nsa_attention_backward_fake(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    gates: Tensor,
+    k_win: Tensor | None,
+    v_win: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    indices: Tensor,
+    block_size: int,
+    top_n: int,
+    window: int,
+    compress_block: int,
+    compress_stride: int,
+    scale: float,
+    backend: str,
+) -> list[Tensor]:
+    return [torch.empty_like(x) for x in (q, k, v, k_cmp, v_cmp, gates, k_win, v_win) if x is not None]
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+    q, k, v, k_cmp, v_cmp, gates, k_win, v_win, *config = inputs
+    out, lse, indices = output
+    ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, out, lse, indices)
+    ctx.config = config
+    ctx.mark_non_differentiable(lse, indices)
+
+
+def _backward(
+    ctx: Any, grad_out: Tensor, _grad_lse: Tensor, _grad_indices: Tensor
+) -> tuple[Tensor | None, ...]:
+    saved = ctx.saved_tensors
+    grads = _nsa_attention_backward_op(grad_out.contiguous(), *saved, *ctx.config)
+    has_window = saved[6] is not None
+    window_grads = (grads[6], grads[7]) if has_window else (None, None)
+    return (*grads[:6], *window_grads) + (None,) * len(ctx.config)
+
+
+_nsa_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("nsa_convert::select_blocks", mutates_args=())
+def _select_blocks_op(
+    q: Tensor,
+    k_cmp: Tensor,
+    block_size: int,
+    top_n: int,
+    compress_block: int,
+    compress_stride: int,
+    scale: float,
+    backend: str,
+) -> Tensor:
+    params = SparsityParams(
+        block_size=block_size,
+        top_n=top_n,
+        compress_block=compress_block,
+        compress_stride=compress_stride,
+        scale=scale,
+    )
+    return _implementation(backend, "select_blocks")(q, k_cmp, params)
+
+
+@_select_blocks_op.register_fake
+def _select_blocks_fake(
+    q: Tensor,
+    k_cmp: Tensor,
+    block_size: int,
+    top_n: int,
+    compress_block: int,
+    compress_stride: int,
+    scale: float,
+    backend: str,
+) -> Tensor:
+    batch, seq_len = q.shape[:2]
+    return q.new_empty(batch, seq_len, k_cmp.shape[2], top_n, dtype=torch.long)
+
+
+def _check_rank4(**tensors: Tensor | None) -> None:
+    for name, x in tensors.items():
+        if x is not None and x.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions, got shape {tuple(x.shape)}")
+
+
+def _check_common(q: Tensor, k_cmp: Tensor, params: SparsityParams) -> None:
+    """Checks shared by both ops: q against k_cmp, and Tc against T."""
+    batch, seq_len, num_q_heads, head_dim = q.shape
+    if seq_len < 1:
+        raise ValueError("q must hold at least one token (T ≥ 1)")
+    if not q.is_floating_point():
+        raise ValueError(f"q must be a floating-point tensor, got {q.dtype}")
+    if k_cmp.shape[0] != batch or k_cmp.shape[3] != head_dim:
+        raise ValueError(
+            f"k_cmp {tuple(k_cmp.shape)} must be (B, Tc, Hkv, Dk) with B = {batch} and Dk = {head_dim} like q"
+        )
+    num_kv_heads = k_cmp.shape[2]
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"the query heads ({num_q_heads}) must be a multiple of the KV heads ({num_kv_heads})"
+        )
+    expected = num_compressed_blocks(seq_len, params.compress_block, params.compress_stride)
+    if k_cmp.shape[1] != expected:
+        raise ValueError(
+            f"k_cmp has {k_cmp.shape[1]} compressed blocks but T = {seq_len} with compress_block = "
+            f"{params.compress_block} and compress_stride = {params.compress_stride} gives {expected}"
+        )
+
+
+def _check_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    gates: Tensor,
+    k_win: Tensor | None,
+    v_win: Tensor | None,
+    params: SparsityParams,
+) -> None:
+    _check_rank4(q=q, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, gates=gates, k_win=k_win, v_win=v_win)
+    _check_common(q, k_cmp, params)
+    batch, seq_len, num_q_heads, head_dim = q.shape
+    num_kv_heads, value_dim = k_cmp.shape[2], v.shape[3]
+    expected = {
+        "k": (batch, seq_len, num_kv_heads, head_dim),
+        "v": (batch, seq_len, num_kv_heads, value_dim),
+        "v_cmp": (batch, k_cmp.shape[1], num_kv_heads, value_dim),
+        "gates": (batch, seq_len, num_q_heads, 3),
+    }
+    if (k_win is None) != (v_win is None):
+        raise ValueError("k_win and v_win must be given together (or both left out)")
+    if k_win is not None:
+        expected.update(k_win=expected["k"], v_win=expected["v"])
+    tensors = {"k": k, "v": v, "v_cmp": v_cmp, "gates": gates, "k_win": k_win, "v_win": v_win}
+    for name, shape in expected.items():
+        actual = tensors[name]
+        if tuple(actual.shape) != shape:
+            raise ValueError(
+                f"{name} has shape {tuple(actual.shape)}, expected {shape} from q {tuple(q.shape)}, "
+                f"k_cmp {tuple(k_cmp.shape)} and v"
+            )
+    for name, x in {"k_cmp": k_cmp, **tensors}.items():
+        if x is None:
+            continue
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {x.dtype} but q has {q.dtype}: cast all inputs to one dtype")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+
+
+def nsa_attention_with_stats(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    gates: Tensor,
+    *,
+    k_win: Tensor | None = None,
+    v_win: Tensor | None = None,
+    block_size: int = 64,
+    top_n: int = 16,
+    window: int = 512,
+    compress_block: int = 32,
+    compress_stride: int = 16,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Like `nsa_attention`, also returning each branch's log-sum-exp and the selected blocks.
+
+    Returns out (B, T, Hq, Dv) in q's dtype, lse (B, T, Hq, 3) float32 ordered (cmp, slc, win; -inf for
+    a branch with no keys) and indices (B, T, Hkv, top_n) int64 (sorted, padded with -1).  Only out is
+    differentiable.
+    """
+    params = SparsityParams(block_size, top_n, window, compress_block, compress_stride, scale)
+    _check_attention(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, params)
+    params = params.resolved(q.shape[-1])
+    return _nsa_attention_op(
+        q,
+        k,
+        v,
+        k_cmp,
+        v_cmp,
+        gates,
+        k_win,
+        v_win,
+        block_size,
+        top_n,
+        window,
+        compress_block,
+        compress_stride,
+        float(params.scale),
+        _resolve_backend(backend, q.device),
+    )
+
+
+def nsa_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    gates: Tensor,
+    *,
+    k_win: Tensor | None = None,
+    v_win: Tensor | None = None,
+    block_size: int = 64,
+    top_n: int = 16,
+    window: int = 512,
+    compress_block: int = 32,
+    compress_stride: int = 16,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Native Sparse Attention (NSA_SPEC.md): o = g_cmp · o_cmp + g_slc · o_slc + g_win · o_win.
+
+    q (B, T, Hq, Dk); k (B, T, Hkv, Dk); v (B, T, Hkv, Dv) with Hq a multiple of Hkv;
+    k_cmp (B, Tc, Hkv, Dk), v_cmp (B, Tc, Hkv, Dv) the compressed keys/values, Tc =
+    spec.num_compressed_blocks(T, compress_block, compress_stride); gates (B, T, Hq, 3) ordered
+    (cmp, slc, win); k_win/v_win (like k/v), when given, feed the sliding-window branch instead of k/v.
+    scale defaults to Dk ** -0.5; backend is one of BACKENDS.  Returns out (B, T, Hq, Dv) in q's dtype,
+    differentiable with respect to every tensor argument (the block selection itself is discrete).
+    """
+    out, _, _ = nsa_attention_with_stats(
+        q,
+        k,
+        v,
+        k_cmp,
+        v_cmp,
+        gates,
+        k_win=k_win,
+        v_win=v_win,
+        block_size=block_size,
+        top_n=top_n,
+        window=window,
+        compress_block=compress_block,
+        compress_stride=compress_stride,
+        scale=scale,
+        backend=backend,
+    )
+    return out
+
+
+def select_blocks(
+    q: Tensor,
+    k_cmp: Tensor,
+    *,
+    block_size: int = 64,
+    top_n: int = 16,
+    compress_block: int = 32,
+    compress_stride: int = 16,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """The selection blocks NSA attends to: per (b, t, KV head), forced 0, current and previous, the rest
+    by compressed-attention importance summed over the query-head group (ties to the lower index).
+
+    q (B, T, Hq, Dk); k_cmp (B, Tc, Hkv, Dk).  Returns a LongTensor (B, T, Hkv, top_n), sorted ascending
+    and padded with -1 where fewer than top_n blocks exist.
+    """
+    params = SparsityParams(
+        block_size, top_n, compress_block=compress_block, compress_stride=compress_stride, scale=scale
+    )
+    _check_rank4(q=q, k_cmp=k_cmp)
+    _check_common(q, k_cmp, params)
+    if k_cmp.dtype != q.dtype or k_cmp.device != q.device:
+        raise ValueError(f"k_cmp ({k_cmp.dtype} on {k_cmp.device}) must match q ({q.dtype} on {q.device})")
+    params = params.resolved(q.shape[-1])
+    return _select_blocks_op(
+        q,
+        k_cmp,
+        block_size,
+        top_n,
+        compress_block,
+        compress_stride,
+        float(params.scale),
+        _resolve_backend(backend, q.device),
+    )
