@@ -1,0 +1,379 @@
+"""Banded attention on packed sequences: the compressed and sliding-window branches share these kernels.
+
+Both branches let query t see a contiguous key range: key s is visible iff
+    s·KSTRIDE + KSPAN − 1 ≤ t            (compressed: KSTRIDE = d, KSPAN = l; window: 1, 1)
+    and, when WINDOW > 0, s ≥ t − WINDOW + 1.
+Query rows are the (position, group head) pairs of one KV head, flattened as row = t·G + g, so every loaded
+K/V tile serves all G heads of the group and any G fills the matrix tiles (no padding of the group).
+
+Layouts (packed, `cu` = int32 cumulative sequence lengths, one program column per sequence):
+    q [N, Hq, DK], k [Nk, Hkv, DK], v [Nk, Hkv, DV], gates [N, Hq, 3], lse [N, Hq, 3] float32.
+The branch's gate and lse live in column `BRANCH` of the 3-wide tensors.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Forward epilogue modes: where the gated branch output goes.
+STORE_ACC, ADD_ACC, FINAL, LSE_ONLY = 0, 1, 2, 3
+
+
+@triton.jit
+def n_visible(t, KSTRIDE: tl.constexpr, KSPAN: tl.constexpr):
+    """How many keys query t sees from the left: s·KSTRIDE + KSPAN − 1 ≤ t (a prefix 0 … n − 1)."""
+    return tl.where(t + 1 >= KSPAN, (t + 1 - KSPAN) // KSTRIDE + 1, 0)
+
+
+@triton.jit
+def _visible(s, t, KSTRIDE: tl.constexpr, KSPAN: tl.constexpr, WINDOW: tl.constexpr):
+    vis = s < n_visible(t, KSTRIDE, KSPAN)
+    if WINDOW > 0:
+        vis = vis & (s > t - WINDOW)
+    return vis
+
+
+@triton.jit
+def banded_fwd_kernel(
+    Q, K, V, GATE, ACC, OUT, LSE, CU_Q, CU_K,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t, sg_h, sa_t, sa_h, so_t, so_h, sl_t, sl_h,
+    scale_log2,
+    GROUP: tl.constexpr, KSTRIDE: tl.constexpr, KSPAN: tl.constexpr, WINDOW: tl.constexpr,
+    BRANCH: tl.constexpr, MODE: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_M flattened (t, g) rows of one KV head of one sequence, online softmax over keys."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(CU_Q + b)
+    T = tl.load(CU_Q + b + 1) - q_start
+    k_start = tl.load(CU_K + b)
+    Tk = tl.load(CU_K + b + 1) - k_start
+    row0 = pid_m * BLOCK_M
+    if row0 >= T * GROUP:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    t = rows // GROUP
+    hq = h * GROUP + rows % GROUP
+    row_ok = t < T
+    tok = (q_start + t).to(tl.int64)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    q = tl.load(
+        Q + tok[:, None] * sq_t + hq[:, None] * sq_h + dk[None, :],
+        mask=row_ok[:, None] & (dk[None, :] < DK),
+        other=0.0,
+    )
+    t_lo = row0 // GROUP
+    t_hi = tl.minimum(T - 1, (row0 + BLOCK_M - 1) // GROUP)
+    hi = tl.minimum(n_visible(t_hi, KSTRIDE, KSPAN), Tk)
+    lo = 0
+    if WINDOW > 0:
+        lo = (tl.maximum(t_lo - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BDV], tl.float32)
+    k_base = K + h * sk_h
+    v_base = V + h * sv_h
+    for start in range(lo, hi, BLOCK_N):
+        s = start + tl.arange(0, BLOCK_N)
+        s_ok = s < hi
+        ktok = (k_start + s).to(tl.int64)
+        kt = tl.load(
+            k_base + ktok[None, :] * sk_t + dk[:, None],
+            mask=s_ok[None, :] & (dk[:, None] < DK),
+            other=0.0,
+        )
+        qk = tl.dot(q, kt) * scale_log2
+        vis = _visible(s[None, :], t[:, None], KSTRIDE, KSPAN, WINDOW) & s_ok[None, :]
+        qk = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        if MODE != LSE_ONLY:
+            vt = tl.load(
+                v_base + ktok[:, None] * sv_t + dv[None, :],
+                mask=s_ok[:, None] & (dv[None, :] < DV),
+                other=0.0,
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    nonempty = l_i > 0
+    lse = tl.where(nonempty, (m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0))) * LN2, float("-inf"))
+    tl.store(LSE + tok * sl_t + hq * sl_h + BRANCH, lse, mask=row_ok)
+    if MODE != LSE_ONLY:
+        gate = tl.load(GATE + tok * sg_t + hq * sg_h + BRANCH, mask=row_ok, other=0.0).to(tl.float32)
+        o = acc * (gate / tl.where(nonempty, l_i, 1.0))[:, None]
+        omask = row_ok[:, None] & (dv[None, :] < DV)
+        a_ptr = ACC + tok[:, None] * sa_t + hq[:, None] * sa_h + dv[None, :]
+        if MODE == STORE_ACC:
+            tl.store(a_ptr, o, mask=omask)
+        else:
+            o += tl.load(a_ptr, mask=omask, other=0.0)
+            if MODE == ADD_ACC:
+                tl.store(a_ptr, o, mask=omask)
+            else:
+                o_ptr = OUT + tok[:, None] * so_t + hq[:, None] * so_h + dv[None, :]
+                tl.store(o_ptr, o.to(OUT.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def banded_bwd_dq_kernel(
+    Q, K, V, GATE, DO, LSE, DQ, DELTA, CU_Q, CU_K,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t, sg_h, sd_t, sd_h, sl_t, sl_h, sdq_t, sdq_h, sdl_t, sdl_h,
+    scale, scale_log2,
+    GROUP: tl.constexpr, KSTRIDE: tl.constexpr, KSPAN: tl.constexpr, WINDOW: tl.constexpr,
+    BRANCH: tl.constexpr, ACCUM: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dq and delta = rowsum(dO ∘ o_branch) (the gate's gradient) in one pass over the keys.
+
+    The branch output is not stored, so delta is accumulated alongside: with dp = dO·v and p normalised by
+    the forward lse, dq = scale·g·(Σ p·dp·k − delta·Σ p·k) and delta = Σ p·dp.
+    """
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(CU_Q + b)
+    T = tl.load(CU_Q + b + 1) - q_start
+    k_start = tl.load(CU_K + b)
+    Tk = tl.load(CU_K + b + 1) - k_start
+    row0 = pid_m * BLOCK_M
+    if row0 >= T * GROUP:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    t = rows // GROUP
+    hq = h * GROUP + rows % GROUP
+    row_ok = t < T
+    tok = (q_start + t).to(tl.int64)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    q = tl.load(
+        Q + tok[:, None] * sq_t + hq[:, None] * sq_h + dk[None, :],
+        mask=row_ok[:, None] & (dk[None, :] < DK),
+        other=0.0,
+    )
+    do = tl.load(
+        DO + tok[:, None] * sd_t + hq[:, None] * sd_h + dv[None, :],
+        mask=row_ok[:, None] & (dv[None, :] < DV),
+        other=0.0,
+    )
+    lse = tl.load(LSE + tok * sl_t + hq * sl_h + BRANCH, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    t_lo = row0 // GROUP
+    t_hi = tl.minimum(T - 1, (row0 + BLOCK_M - 1) // GROUP)
+    hi = tl.minimum(n_visible(t_hi, KSTRIDE, KSPAN), Tk)
+    lo = 0
+    if WINDOW > 0:
+        lo = (tl.maximum(t_lo - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
+    acc_pdp = tl.zeros([BLOCK_M, BDK], tl.float32)
+    acc_p = tl.zeros([BLOCK_M, BDK], tl.float32)
+    delta = tl.zeros([BLOCK_M], tl.float32)
+    k_base = K + h * sk_h
+    v_base = V + h * sv_h
+    for start in range(lo, hi, BLOCK_N):
+        s = start + tl.arange(0, BLOCK_N)
+        s_ok = s < hi
+        ktok = (k_start + s).to(tl.int64)
+        kk = tl.load(
+            k_base + ktok[:, None] * sk_t + dk[None, :],
+            mask=s_ok[:, None] & (dk[None, :] < DK),
+            other=0.0,
+        )
+        vt = tl.load(
+            v_base + ktok[None, :] * sv_t + dv[:, None],
+            mask=s_ok[None, :] & (dv[:, None] < DV),
+            other=0.0,
+        )
+        qk = tl.dot(q, tl.trans(kk)) * scale_log2
+        vis = _visible(s[None, :], t[:, None], KSTRIDE, KSPAN, WINDOW) & s_ok[None, :]
+        p = tl.where(vis, tl.math.exp2(qk - lse2[:, None]), 0.0)
+        dp = tl.dot(do, vt)
+        pdp = p * dp
+        delta += tl.sum(pdp, 1)
+        acc_pdp += tl.dot(pdp.to(kk.dtype), kk)
+        acc_p += tl.dot(p.to(kk.dtype), kk)
+    gate = tl.load(GATE + tok * sg_t + hq * sg_h + BRANCH, mask=row_ok, other=0.0).to(tl.float32)
+    dq = (acc_pdp - delta[:, None] * acc_p) * (gate * scale)[:, None]
+    dq_ptr = DQ + tok[:, None] * sdq_t + hq[:, None] * sdq_h + dk[None, :]
+    dq_mask = row_ok[:, None] & (dk[None, :] < DK)
+    if ACCUM:
+        dq += tl.load(dq_ptr, mask=dq_mask, other=0.0)
+    tl.store(dq_ptr, dq, mask=dq_mask)
+    tl.store(DELTA + tok * sdl_t + hq * sdl_h + BRANCH, delta, mask=row_ok)
+
+
+@triton.jit
+def banded_bwd_dkdv_kernel(
+    Q, K, V, GATE, DO, LSE, DELTA, DK_, DV_, CU_Q, CU_K,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t, sg_h, sd_t, sd_h, sl_t, sl_h, sdl_t, sdl_h,
+    sdk_t, sdk_h, sdv_t, sdv_h,
+    scale, scale_log2,
+    GROUP: tl.constexpr, KSTRIDE: tl.constexpr, KSPAN: tl.constexpr, WINDOW: tl.constexpr,
+    BRANCH: tl.constexpr, ACCUM: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dk, dv of BLOCK_N keys of one KV head: loop over the query rows that see them (no atomics)."""
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(CU_Q + b)
+    T = tl.load(CU_Q + b + 1) - q_start
+    k_start = tl.load(CU_K + b)
+    Tk = tl.load(CU_K + b + 1) - k_start
+    n0 = pid_n * BLOCK_N
+    if n0 >= Tk:
+        return
+    s = n0 + tl.arange(0, BLOCK_N)
+    s_ok = s < Tk
+    ktok = (k_start + s).to(tl.int64)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    kk = tl.load(
+        K + ktok[:, None] * sk_t + h * sk_h + dk[None, :],
+        mask=s_ok[:, None] & (dk[None, :] < DK),
+        other=0.0,
+    )
+    vv = tl.load(
+        V + ktok[:, None] * sv_t + h * sv_h + dv[None, :],
+        mask=s_ok[:, None] & (dv[None, :] < DV),
+        other=0.0,
+    )
+    t_first = n0 * KSTRIDE + KSPAN - 1
+    t_end = T
+    if WINDOW > 0:
+        t_end = tl.minimum(T, tl.minimum(n0 + BLOCK_N, Tk) - 1 + WINDOW)
+    acc_dk = tl.zeros([BLOCK_N, BDK], tl.float32)
+    acc_dv = tl.zeros([BLOCK_N, BDV], tl.float32)
+    for row0 in range(t_first * GROUP, t_end * GROUP, BLOCK_M):
+        rows = row0 + tl.arange(0, BLOCK_M)
+        t = rows // GROUP
+        hq = h * GROUP + rows % GROUP
+        row_ok = t < t_end
+        tok = (q_start + t).to(tl.int64)
+        q = tl.load(
+            Q + tok[:, None] * sq_t + hq[:, None] * sq_h + dk[None, :],
+            mask=row_ok[:, None] & (dk[None, :] < DK),
+            other=0.0,
+        )
+        do = tl.load(
+            DO + tok[:, None] * sd_t + hq[:, None] * sd_h + dv[None, :],
+            mask=row_ok[:, None] & (dv[None, :] < DV),
+            other=0.0,
+        )
+        lse = tl.load(LSE + tok * sl_t + hq * sl_h + BRANCH, mask=row_ok, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(DELTA + tok * sdl_t + hq * sdl_h + BRANCH, mask=row_ok, other=0.0)
+        gate = tl.load(GATE + tok * sg_t + hq * sg_h + BRANCH, mask=row_ok, other=0.0).to(tl.float32)
+        qk_t = tl.dot(kk, tl.trans(q)) * scale_log2
+        vis = _visible(s[:, None], t[None, :], KSTRIDE, KSPAN, WINDOW) & s_ok[:, None] & row_ok[None, :]
+        pg_t = tl.where(vis, tl.math.exp2(qk_t - lse2[None, :]), 0.0) * gate[None, :]
+        acc_dv += tl.dot(pg_t.to(do.dtype), do)
+        dp_t = tl.dot(vv, tl.trans(do))
+        ds_t = pg_t * (dp_t - delta[None, :])
+        acc_dk += tl.dot(ds_t.to(q.dtype), q)
+    acc_dk *= scale
+    dk_ptr = DK_ + ktok[:, None] * sdk_t + h * sdk_h + dk[None, :]
+    dv_ptr = DV_ + ktok[:, None] * sdv_t + h * sdv_h + dv[None, :]
+    dk_mask = s_ok[:, None] & (dk[None, :] < DK)
+    dv_mask = s_ok[:, None] & (dv[None, :] < DV)
+    if ACCUM:
+        acc_dk += tl.load(dk_ptr, mask=dk_mask, other=0.0)
+        acc_dv += tl.load(dv_ptr, mask=dv_mask, other=0.0)
+    tl.store(dk_ptr, acc_dk, mask=dk_mask)
+    tl.store(dv_ptr, acc_dv, mask=dv_mask)
+
+
+def _pow2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def banded_forward(
+    q, k, v, gates, acc, out, lse, cu_q, cu_k, max_len, *, stride, span, window, branch, mode, scale
+):
+    """Launch the forward for one branch; q/k/v/gates/acc/out/lse are packed (see module doc)."""
+    n_seq = cu_q.numel() - 1
+    hq, dk = q.shape[1], q.shape[2]
+    hkv, dv = k.shape[1], v.shape[2]
+    group = hq // hkv
+    block_m, block_n, warps, stages = _fwd_config(dk, dv, q.device.type)
+    grid = (triton.cdiv(max_len * group, block_m), hkv, n_seq)
+    out_ = out if out is not None else acc
+    banded_fwd_kernel[grid](
+        q, k, v, gates, acc, out_, lse, cu_q, cu_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1), out_.stride(0), out_.stride(1),
+        lse.stride(0), lse.stride(1),
+        scale * LOG2E,
+        GROUP=group, KSTRIDE=stride, KSPAN=span, WINDOW=window, BRANCH=branch, MODE=mode,
+        DK=dk, DV=dv, BDK=_pow2(dk), BDV=_pow2(dv), BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+
+
+def banded_backward(
+    q, k, v, gates, do, lse, dq, delta, dk, dv, cu_q, cu_k, max_len, max_len_k, *,
+    stride, span, window, branch, scale, accum_dq, accum_dkv,
+):  # fmt: skip
+    """dq (fp32, added to when accum_dq), delta[..., branch] = dgates, then dk/dv (fp32) of one branch."""
+    n_seq = cu_q.numel() - 1
+    hq, dkh = q.shape[1], q.shape[2]
+    hkv, dvh = k.shape[1], v.shape[2]
+    group = hq // hkv
+    block_m, block_n, warps, stages = _bwd_config(dkh, dvh, q.device.type)
+    consts = dict(
+        GROUP=group, KSTRIDE=stride, KSPAN=span, WINDOW=window, BRANCH=branch,
+        DK=dkh, DV=dvh, BDK=_pow2(dkh), BDV=_pow2(dvh), num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    banded_bwd_dq_kernel[(triton.cdiv(max_len * group, block_m), hkv, n_seq)](
+        q, k, v, gates, do, lse, dq, delta, cu_q, cu_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        gates.stride(0), gates.stride(1), do.stride(0), do.stride(1), lse.stride(0), lse.stride(1),
+        dq.stride(0), dq.stride(1), delta.stride(0), delta.stride(1),
+        scale, scale * LOG2E, ACCUM=accum_dq, BLOCK_M=block_m, BLOCK_N=block_n, **consts,
+    )  # fmt: skip
+    kv_block_n, kv_block_m = _dkdv_blocks(dkh, dvh, q.device.type)
+    if max_len_k == 0:
+        return
+    banded_bwd_dkdv_kernel[(triton.cdiv(max_len_k, kv_block_n), hkv, n_seq)](
+        q, k, v, gates, do, lse, delta, dk, dv, cu_q, cu_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        gates.stride(0), gates.stride(1), do.stride(0), do.stride(1), lse.stride(0), lse.stride(1),
+        delta.stride(0), delta.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        scale, scale * LOG2E, ACCUM=accum_dkv, BLOCK_M=kv_block_m, BLOCK_N=kv_block_n, **consts,
+    )  # fmt: skip
+
+
+def _fwd_config(dk: int, dv: int, device: str):
+    """(BLOCK_M, BLOCK_N, warps, stages); small tiles under the interpreter keep CI fast."""
+    if device != "cuda":
+        return 16, 16, 4, 1
+    if max(dk, dv) > 128:
+        return 64, 64, 4, 2
+    return 128, 64, 8, 3
+
+
+def _bwd_config(dk: int, dv: int, device: str):
+    if device != "cuda":
+        return 16, 16, 4, 1
+    if max(dk, dv) > 128:
+        return 64, 32, 4, 2
+    return 64, 64, 4, 2
+
+
+def _dkdv_blocks(dk: int, dv: int, device: str):
+    """(BLOCK_N keys, BLOCK_M query rows) of the dk/dv kernel."""
+    if device != "cuda":
+        return 16, 16
+    if max(dk, dv) > 128:
+        return 64, 32
+    return 64, 64

@@ -1,0 +1,301 @@
+"""Selected-block attention: forward and dq gather each query's blocks, dk/dv go block by block.
+
+Group-centric loading: one program holds all G query heads of a KV head at one position (rows padded to
+16 for the matrix units) and walks that position's selected blocks, so each K/V block it loads serves the
+whole group. The dk/dv pass inverts the selection (which positions chose block j) with a stable sort and
+gives each (block, KV head) one program that gathers those positions × group heads into its row tiles: the
+result is written once per key, without atomics, so it is deterministic.
+
+Layouts as in banded.py: q [N, Hq, DK], k [N, Hkv, DK], v [N, Hkv, DV], idx [N, Hkv, n] (block ids local to
+each sequence, ascending, −1 padded), gates/lse [N, Hq, 3] (column 1 is this branch).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa_convert.kernels.banded import ADD_ACC, LN2, LOG2E
+
+
+@triton.jit
+def selected_fwd_kernel(
+    Q, K, V, IDX, GATE, ACC, LSE, CU,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, si_t, si_h, sg_t, sg_h, sa_t, sa_h, sl_t, sl_h,
+    scale_log2,
+    GROUP: tl.constexpr, BH: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr, TOPN: tl.constexpr,
+    MODE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+):  # fmt: skip
+    """One program: position t of one KV head, all group heads as rows, online softmax over its blocks."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(CU + b)
+    T = tl.load(CU + b + 1) - q_start
+    if t >= T:
+        return
+    tok = (q_start + t).to(tl.int64)
+    g = tl.arange(0, BH)
+    g_ok = g < GROUP
+    hq = h * GROUP + g
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    q = tl.load(
+        Q + tok * sq_t + hq[:, None] * sq_h + dk[None, :], mask=g_ok[:, None] & (dk[None, :] < DK), other=0.0
+    )
+    m_i = tl.full([BH], -1.0e30, tl.float32)
+    l_i = tl.zeros([BH], tl.float32)
+    acc = tl.zeros([BH, BDV], tl.float32)
+    kb = tl.arange(0, BS)
+    k_base = K + h * sk_h
+    v_base = V + h * sv_h
+    for slot in range(TOPN):
+        j = tl.load(IDX + tok * si_t + h * si_h + slot)
+        if j >= 0:
+            s = j * SEL + kb
+            s_ok = (kb < SEL) & (s <= t)
+            ktok = (q_start + s).to(tl.int64)
+            kt = tl.load(
+                k_base + ktok[None, :] * sk_t + dk[:, None],
+                mask=s_ok[None, :] & (dk[:, None] < DK),
+                other=0.0,
+            )
+            vv = tl.load(
+                v_base + ktok[:, None] * sv_t + dv[None, :],
+                mask=s_ok[:, None] & (dv[None, :] < DV),
+                other=0.0,
+            )
+            qk = tl.where(s_ok[None, :], tl.dot(q, kt) * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+            m_i = m_new
+    nonempty = l_i > 0
+    lse = tl.where(nonempty, (m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0))) * LN2, float("-inf"))
+    tl.store(LSE + tok * sl_t + hq * sl_h + 1, lse, mask=g_ok)
+    gate = tl.load(GATE + tok * sg_t + hq * sg_h + 1, mask=g_ok, other=0.0).to(tl.float32)
+    o = acc * (gate / tl.where(nonempty, l_i, 1.0))[:, None]
+    a_ptr = ACC + tok * sa_t + hq[:, None] * sa_h + dv[None, :]
+    omask = g_ok[:, None] & (dv[None, :] < DV)
+    if MODE == 1:
+        o += tl.load(a_ptr, mask=omask, other=0.0)
+    tl.store(a_ptr, o, mask=omask)
+
+
+@triton.jit
+def selected_dq_kernel(
+    Q, K, V, IDX, GATE, DO, LSE, DQ, DELTA, CU,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, si_t, si_h, sg_t, sg_h, sd_t, sd_h, sl_t, sl_h,
+    sdq_t, sdq_h, sdl_t, sdl_h,
+    scale, scale_log2,
+    GROUP: tl.constexpr, BH: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr, TOPN: tl.constexpr,
+    ACCUM: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+):  # fmt: skip
+    """dq (added to DQ when ACCUM) and delta = rowsum(dO ∘ o_slc) in one pass (see banded_bwd_dq_kernel)."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(CU + b)
+    T = tl.load(CU + b + 1) - q_start
+    if t >= T:
+        return
+    tok = (q_start + t).to(tl.int64)
+    g = tl.arange(0, BH)
+    g_ok = g < GROUP
+    hq = h * GROUP + g
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    q = tl.load(
+        Q + tok * sq_t + hq[:, None] * sq_h + dk[None, :], mask=g_ok[:, None] & (dk[None, :] < DK), other=0.0
+    )
+    do = tl.load(
+        DO + tok * sd_t + hq[:, None] * sd_h + dv[None, :], mask=g_ok[:, None] & (dv[None, :] < DV), other=0.0
+    )
+    lse = tl.load(LSE + tok * sl_t + hq * sl_h + 1, mask=g_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    acc_pdp = tl.zeros([BH, BDK], tl.float32)
+    acc_p = tl.zeros([BH, BDK], tl.float32)
+    delta = tl.zeros([BH], tl.float32)
+    kb = tl.arange(0, BS)
+    k_base = K + h * sk_h
+    v_base = V + h * sv_h
+    for slot in range(TOPN):
+        j = tl.load(IDX + tok * si_t + h * si_h + slot)
+        if j >= 0:
+            s = j * SEL + kb
+            s_ok = (kb < SEL) & (s <= t)
+            ktok = (q_start + s).to(tl.int64)
+            kk = tl.load(
+                k_base + ktok[:, None] * sk_t + dk[None, :],
+                mask=s_ok[:, None] & (dk[None, :] < DK),
+                other=0.0,
+            )
+            vt = tl.load(
+                v_base + ktok[None, :] * sv_t + dv[:, None],
+                mask=s_ok[None, :] & (dv[:, None] < DV),
+                other=0.0,
+            )
+            qk = tl.dot(q, tl.trans(kk)) * scale_log2
+            p = tl.where(s_ok[None, :], tl.math.exp2(qk - lse2[:, None]), 0.0)
+            pdp = p * tl.dot(do, vt)
+            delta += tl.sum(pdp, 1)
+            acc_pdp += tl.dot(pdp.to(kk.dtype), kk)
+            acc_p += tl.dot(p.to(kk.dtype), kk)
+    gate = tl.load(GATE + tok * sg_t + hq * sg_h + 1, mask=g_ok, other=0.0).to(tl.float32)
+    dq = (acc_pdp - delta[:, None] * acc_p) * (gate * scale)[:, None]
+    dq_ptr = DQ + tok * sdq_t + hq[:, None] * sdq_h + dk[None, :]
+    dq_mask = g_ok[:, None] & (dk[None, :] < DK)
+    if ACCUM:
+        dq += tl.load(dq_ptr, mask=dq_mask, other=0.0)
+    tl.store(dq_ptr, dq, mask=dq_mask)
+    tl.store(DELTA + tok * sdl_t + hq * sdl_h + 1, delta, mask=g_ok)
+
+
+@triton.jit
+def selected_dkdv_kernel(
+    Q, K, V, GATE, DO, LSE, DELTA, DK_, DV_, CU, POS, SEG,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t, sg_h, sd_t, sd_h, sl_t, sl_h, sdl_t, sdl_h,
+    sdk_t, sdk_h, sdv_t, sdv_h,
+    n_seq, max_blocks, scale, scale_log2,
+    GROUP: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+):  # fmt: skip
+    """dk, dv of selection block j of one KV head from the positions that chose it (rows = positions × G).
+
+    POS lists, per (h, sequence, block) segment SEG[(h·n_seq + b)·max_blocks + j] … SEG[… + 1], the packed
+    token index of each position that selected block j, ascending.
+    """
+    j = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(CU + b)
+    T = tl.load(CU + b + 1) - q_start
+    if j * SEL >= T:
+        return
+    kb = tl.arange(0, BS)
+    s = j * SEL + kb
+    s_ok = (kb < SEL) & (s < T)
+    ktok = (q_start + s).to(tl.int64)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    kk = tl.load(
+        K + ktok[:, None] * sk_t + h * sk_h + dk[None, :], mask=s_ok[:, None] & (dk[None, :] < DK), other=0.0
+    )
+    vv = tl.load(
+        V + ktok[:, None] * sv_t + h * sv_h + dv[None, :], mask=s_ok[:, None] & (dv[None, :] < DV), other=0.0
+    )
+    seg = (h * n_seq + b) * max_blocks + j
+    seg_start = tl.load(SEG + seg)
+    n_rows = (tl.load(SEG + seg + 1) - seg_start) * GROUP
+    acc_dk = tl.zeros([BS, BDK], tl.float32)
+    acc_dv = tl.zeros([BS, BDV], tl.float32)
+    for row0 in range(0, n_rows, BLOCK_M):
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        tok = tl.load(POS + seg_start + rows // GROUP, mask=row_ok, other=0)
+        t = tok - q_start
+        hq = h * GROUP + rows % GROUP
+        q = tl.load(
+            Q + tok[:, None] * sq_t + hq[:, None] * sq_h + dk[None, :],
+            mask=row_ok[:, None] & (dk[None, :] < DK),
+            other=0.0,
+        )
+        do = tl.load(
+            DO + tok[:, None] * sd_t + hq[:, None] * sd_h + dv[None, :],
+            mask=row_ok[:, None] & (dv[None, :] < DV),
+            other=0.0,
+        )
+        lse = tl.load(LSE + tok * sl_t + hq * sl_h + 1, mask=row_ok, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(DELTA + tok * sdl_t + hq * sdl_h + 1, mask=row_ok, other=0.0)
+        gate = tl.load(GATE + tok * sg_t + hq * sg_h + 1, mask=row_ok, other=0.0).to(tl.float32)
+        qk_t = tl.dot(kk, tl.trans(q)) * scale_log2
+        vis = s_ok[:, None] & row_ok[None, :] & (s[:, None] <= t[None, :])
+        pg_t = tl.where(vis, tl.math.exp2(qk_t - lse2[None, :]), 0.0) * gate[None, :]
+        acc_dv += tl.dot(pg_t.to(do.dtype), do)
+        ds_t = pg_t * (tl.dot(vv, tl.trans(do)) - delta[None, :])
+        acc_dk += tl.dot(ds_t.to(q.dtype), q)
+    acc_dk *= scale
+    tl.store(
+        DK_ + ktok[:, None] * sdk_t + h * sdk_h + dk[None, :], acc_dk, mask=s_ok[:, None] & (dk[None, :] < DK)
+    )
+    tl.store(
+        DV_ + ktok[:, None] * sdv_t + h * sdv_h + dv[None, :], acc_dv, mask=s_ok[:, None] & (dv[None, :] < DV)
+    )
+
+
+def _pow2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def _gather_consts(q, k, v, params):
+    group = q.shape[1] // k.shape[1]
+    gpu = q.device.type == "cuda"
+    return dict(
+        GROUP=group, BH=_pow2(group), SEL=params.block_size, BS=_pow2(params.block_size),
+        TOPN=params.top_n, DK=q.shape[2], DV=v.shape[2], BDK=_pow2(q.shape[2]), BDV=_pow2(v.shape[2]),
+        num_warps=4, num_stages=2 if gpu else 1,
+    )  # fmt: skip
+
+
+def selected_forward(q, k, v, idx, gates, acc, lse, cu, max_len, params, *, accumulate):
+    """acc [N, Hq, DV] (fp32) = or += gate_slc · o_slc; lse[..., 1] = the branch's log-sum-exp."""
+    grid = (max_len, k.shape[1], cu.numel() - 1)
+    selected_fwd_kernel[grid](
+        q, k, v, idx, gates, acc, lse, cu,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        idx.stride(0), idx.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
+        lse.stride(0), lse.stride(1),
+        params.scale * LOG2E, MODE=ADD_ACC if accumulate else 0, **_gather_consts(q, k, v, params),
+    )  # fmt: skip
+
+
+def invert_selection(idx, cu, max_blocks):
+    """(POS, SEG): for each (KV head, sequence, block) the packed positions that selected it, ascending.
+
+    idx [N, Hkv, n] with block ids local to each sequence. A stable sort of the flattened (h, token, slot)
+    order keeps each segment's positions ascending, so the dk/dv sums run in a fixed order.
+    """
+    n_tok, hkv, top_n = idx.shape
+    n_seq = cu.numel() - 1
+    lengths = (cu[1:] - cu[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(n_seq, device=idx.device), lengths, output_size=n_tok)
+    heads = torch.arange(hkv, device=idx.device)
+    seg = (heads[:, None, None] * n_seq + seq[None, :, None]) * max_blocks + idx.permute(1, 0, 2)
+    n_seg = hkv * n_seq * max_blocks
+    seg = torch.where(idx.permute(1, 0, 2) >= 0, seg, n_seg).reshape(-1)
+    order = torch.sort(seg, stable=True).indices
+    pos = ((order // top_n) % n_tok).to(torch.int32)
+    counts = torch.bincount(seg, minlength=n_seg + 1)[:n_seg]
+    offsets = torch.zeros(n_seg + 1, dtype=torch.int64, device=idx.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return pos, offsets
+
+
+def selected_backward(q, k, v, idx, gates, do, lse, dq, delta, dk, dv, cu, max_len, params, *, accum_dq):
+    """dq (fp32, added to when accum_dq), delta[..., 1], then dk/dv (fp32, written for every key)."""
+    consts = _gather_consts(q, k, v, params)
+    n_seq = cu.numel() - 1
+    hkv = k.shape[1]
+    selected_dq_kernel[(max_len, hkv, n_seq)](
+        q, k, v, idx, gates, do, lse, dq, delta, cu,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        idx.stride(0), idx.stride(1), gates.stride(0), gates.stride(1), do.stride(0), do.stride(1),
+        lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1), delta.stride(0), delta.stride(1),
+        params.scale, params.scale * LOG2E, ACCUM=accum_dq, **consts,
+    )  # fmt: skip
+    max_blocks = triton.cdiv(max_len, params.block_size)
+    pos, seg = invert_selection(idx, cu, max_blocks)
+    for key in ("BH", "TOPN"):
+        consts.pop(key)
+    block_m = 64 if q.device.type == "cuda" else 16
+    selected_dkdv_kernel[(max_blocks, hkv, n_seq)](
+        q, k, v, gates, do, lse, delta, dk, dv, cu, pos, seg,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        gates.stride(0), gates.stride(1), do.stride(0), do.stride(1), lse.stride(0), lse.stride(1),
+        delta.stride(0), delta.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        n_seq, max_blocks, params.scale, params.scale * LOG2E, BLOCK_M=block_m, **consts,
+    )  # fmt: skip

@@ -1,0 +1,167 @@
+"""Block importance and top-n selection, fused with the compressed scores.
+
+One program takes BT positions of one KV head with all G heads of its group (rows = BT × GP, the group padded
+to a power of two only here, because the group sum is a reshape). It walks the visible compressed keys in
+tiles aligned to BJ selection blocks, recomputes p_cmp = exp(scale·q·k_cmp − lse_cmp), sums it over the
+group, folds it into selection-block importance (spec eq. 9 as a banded convolution) and merges the tile into
+a running top list. Nothing of size T × Tc (or T × blocks) is written.
+
+Ranking key (int64): importance bits (non-negative float32, so integer order is float order) in the high
+word and 0x7fffffff − j in the low word, so equal importance ranks the lower block first; forced blocks use
+the bits of +inf, non-candidates −1. Sorting the keys is exact: no importance bits are dropped.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from nsa_convert.kernels.banded import LOG2E, n_visible
+
+
+@triton.jit
+def _band_weight(k, R: tl.constexpr, QC: tl.constexpr):
+    """w(k) = #{(m, n): m < R, n < QC, m + n = k}: how often compressed entry r(j+1)−1−k counts for block j."""
+    w = tl.minimum(tl.minimum(k, R - 1), tl.minimum(QC - 1, R + QC - 2 - k)) + 1
+    return tl.where((k >= 0) & (k <= R + QC - 2), w, 0).to(tl.float32)
+
+
+@triton.jit
+def _shift_blocks(c, SHIFT: tl.constexpr, BJ: tl.constexpr):
+    """(c[:, jj − SHIFT] for jj ≥ SHIFT else 0, c[:, jj + BJ − SHIFT] for jj < SHIFT else 0), exactly."""
+    src = tl.arange(0, BJ)[:, None]
+    dst = tl.arange(0, BJ)[None, :]
+    inside = tl.sum(c[:, :, None] * (src == dst - SHIFT).to(tl.float32)[None, :, :], 1)
+    spill = tl.sum(c[:, :, None] * (src == dst + BJ - SHIFT).to(tl.float32)[None, :, :], 1)
+    return inside, spill
+
+
+@triton.jit
+def _merge_top(running, key, BT: tl.constexpr, R: tl.constexpr):
+    """The R largest of running ∪ key per row, sorted descending (both [BT, R] int64)."""
+    both = tl.reshape(tl.join(running, key), [BT, 2 * R])
+    both = tl.sort(both, 1, descending=True)
+    top, _ = tl.split(tl.permute(tl.reshape(both, [BT, 2, R]), [0, 2, 1]))
+    return top
+
+
+@triton.jit
+def select_kernel(
+    Q, KC, LSE, IDX, CU_Q, CU_K,
+    sq_t, sq_h, sk_t, sk_h, sl_t, sl_h, si_t, si_h,
+    scale_log2,
+    GROUP: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
+    CSTRIDE: tl.constexpr, CSPAN: tl.constexpr, SEL: tl.constexpr, TOPN: tl.constexpr,
+    RATIO: tl.constexpr, RP: tl.constexpr, QC: tl.constexpr, SPILL: tl.constexpr,
+    BJ: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr,
+):  # fmt: skip
+    """IDX[t, h, :TOPN] for BT positions: selected block ids, ascending, −1 padded.
+
+    RATIO = l'/d compressed entries per selection block (RP its power-of-two pad), QC = l/d, SPILL = how
+    many later blocks one tile's entries reach past the tile (static), BJ = blocks per tile = running size.
+    """
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(CU_Q + b)
+    T = tl.load(CU_Q + b + 1) - q_start
+    k_start = tl.load(CU_K + b)
+    Tk = tl.load(CU_K + b + 1) - k_start
+    t0 = pid * BT
+    if t0 >= T:
+        return
+    rows = tl.arange(0, BT * GP)
+    t = t0 + rows // GP
+    g = rows % GP
+    row_ok = (t < T) & (g < GROUP)
+    hq = h * GROUP + g
+    tok = (q_start + t).to(tl.int64)
+    dk = tl.arange(0, BDK)
+    q = tl.load(
+        Q + tok[:, None] * sq_t + hq[:, None] * sq_h + dk[None, :],
+        mask=row_ok[:, None] & (dk[None, :] < DK),
+        other=0.0,
+    )
+    lse = tl.load(LSE + tok * sl_t + hq * sl_h, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    nvis = n_visible(t, CSTRIDE, CSPAN)
+
+    tt = t0 + tl.arange(0, BT)
+    cur = tt // SEL
+    t_hi = tl.minimum(T - 1, t0 + BT - 1)
+    nb_hi = t_hi // SEL + 1
+    cols = tl.arange(0, BJ * RP)
+    col_blk = cols // RP
+    col_u = cols % RP
+    u = tl.arange(0, RP)
+    jj = tl.arange(0, BJ)
+    running = tl.full([BT, BJ], -1, tl.int64)
+    carry = tl.zeros([BT, BJ], tl.float32)
+    kc_base = KC + h * sk_h
+    for j0 in range(0, nb_hi, BJ):
+        ci = j0 * RATIO + col_blk * RATIO + col_u
+        c_ok = (col_u < RATIO) & (ci < Tk)
+        kc = tl.load(
+            kc_base + (k_start + ci).to(tl.int64)[None, :] * sk_t + dk[:, None],
+            mask=c_ok[None, :] & (dk[:, None] < DK),
+            other=0.0,
+        )
+        qk = tl.dot(q, kc) * scale_log2
+        vis = c_ok[None, :] & (ci[None, :] < nvis[:, None])
+        p = tl.where(vis, tl.math.exp2(qk - lse2[:, None]), 0.0)
+        p_pos = tl.sum(tl.reshape(p, [BT, GP, BJ * RP]), 1)
+        p3 = tl.reshape(p_pos, [BT, BJ, RP])
+        imp = carry + tl.sum(p3 * _band_weight(RATIO - 1 - u, RATIO, QC)[None, None, :], 2)
+        carry = tl.zeros([BT, BJ], tl.float32)
+        for s in tl.static_range(1, SPILL + 1):
+            c_s = tl.sum(p3 * _band_weight(RATIO * (s + 1) - 1 - u, RATIO, QC)[None, None, :], 2)
+            inside, spill = _shift_blocks(c_s, s, BJ)
+            imp += inside
+            carry += spill
+        j = j0 + jj[None, :]
+        cand = (j <= cur[:, None]) & (tt[:, None] < T)
+        forced = (j == 0) | (j == cur[:, None]) | (j == cur[:, None] - 1)
+        bits = tl.where(forced, 0x7F800000, imp.to(tl.int32, bitcast=True)).to(tl.int64)
+        key = tl.where(cand, (bits << 32) | (0x7FFFFFFF - j).to(tl.int64), -1)
+        running = _merge_top(running, key, BT, BJ)
+    chosen = tl.where(running >= 0, 0x7FFFFFFF - (running & 0x7FFFFFFF), -1)
+    slot = tl.arange(0, BJ)[None, :]
+    big = 0x7FFFFFFF
+    chosen = tl.where((chosen >= 0) & (slot < TOPN), chosen, big)
+    chosen = tl.sort(chosen, 1)
+    chosen = tl.where(chosen == big, -1, chosen)
+    out_tok = (q_start + tt).to(tl.int64)
+    tl.store(
+        IDX + out_tok[:, None] * si_t + h * si_h + slot,
+        chosen,
+        mask=(tt[:, None] < T) & (slot < TOPN),
+    )
+
+
+def select_launch(q, k_cmp, lse_cmp, indices, cu_q, cu_k, max_len, params):
+    """Fill indices [N, Hkv, n] (int64) from packed q [N, Hq, DK], k_cmp [Nc, Hkv, DK], lse_cmp [N, Hq]."""
+    n_seq = cu_q.numel() - 1
+    hq, dk = q.shape[1], q.shape[2]
+    hkv = k_cmp.shape[1]
+    group = hq // hkv
+    gp = triton.next_power_of_2(group)
+    ratio = params.block_size // params.compress_stride
+    qc = params.compress_block // params.compress_stride
+    spill = (ratio + qc - 2) // ratio
+    bj = max(16, triton.next_power_of_2(params.top_n), triton.next_power_of_2(spill + 1))
+    rows = 64 if q.device.type == "cuda" else 16
+    bt = max(1, rows // gp)
+    if bt * gp < 16:
+        bt = 16 // gp
+    warps = 4 if q.device.type != "cuda" else (8 if bt * gp >= 128 else 4)
+    grid = (triton.cdiv(max_len, bt), hkv, n_seq)
+    select_kernel[grid](
+        q, k_cmp, lse_cmp, indices, cu_q, cu_k,
+        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
+        indices.stride(0), indices.stride(1),
+        params.scale * LOG2E,
+        GROUP=group, GP=gp, BT=bt, CSTRIDE=params.compress_stride, CSPAN=params.compress_block,
+        SEL=params.block_size, TOPN=params.top_n, RATIO=ratio, RP=triton.next_power_of_2(ratio),
+        QC=qc, SPILL=spill, BJ=bj, DK=dk, BDK=max(16, triton.next_power_of_2(dk)),
+        num_warps=warps, num_stages=2 if q.device.type == "cuda" else 1,
+    )  # fmt: skip
