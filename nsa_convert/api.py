@@ -164,7 +164,7 @@ def initial_nsa_tensors(plan_: Plan, reader: CheckpointReader) -> Iterator[tuple
     """The conversion initialisation of each converted site's new parameters (copies excluded)."""
     for index, site in enumerate(converted(plan_.sites)):
         torch.manual_seed(plan_.config.seed + index)
-        module = build_site_module(plan_.captured.model, site, plan_.config)
+        module = build_site_module(plan_.captured.model, site, plan_.config, placed=False)
         dtype = _new_dtype(plan_.config, reader, site)
         for name, tensor in module.state_dict().items():
             if not name.startswith(("k_proj_", "v_proj_")):

@@ -65,14 +65,22 @@ def register_attention() -> None:
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 
-def build_site_module(model: nn.Module, site: AttentionSite, config: NSAConfig) -> NSAttention:
-    """A freshly initialised NSAttention for `site`, with independent projections copied from the dense ones."""
+def build_site_module(
+    model: nn.Module, site: AttentionSite, config: NSAConfig, *, placed: bool = True
+) -> NSAttention:
+    """A freshly initialised NSAttention for `site`, with independent projections copied from the dense ones.
+
+    placed: move it to the device and dtype of its attention module's parameters (else CPU, float32).
+    """
     key_proj = value_proj = None
     if config.branch_kv == "independent":
         key_proj, value_proj = model.get_submodule(site.key_proj), model.get_submodule(site.value_proj)
     module = NSAttention(site, config, key_proj, value_proj)
     if key_proj is not None and key_proj.weight.device.type != "meta":
         module.copy_dense_projections(key_proj, value_proj)
+    if placed:
+        reference = next(model.get_submodule(site.module).parameters())
+        module.to(device=reference.device, dtype=reference.dtype)
     return module
 
 
@@ -85,10 +93,8 @@ def install_nsa(model: nn.Module, sites: list[AttentionSite], config: NSAConfig)
     register_attention()
     installed = []
     for site in converted(sites):
-        attention = model.get_submodule(site.module)
-        reference = next(attention.parameters())
-        nsa = build_site_module(model, site, config).to(device=reference.device, dtype=reference.dtype)
-        attention.add_module("nsa", nsa)
+        nsa = build_site_module(model, site, config)
+        model.get_submodule(site.module).add_module("nsa", nsa)
         model.get_submodule(site.query_proj).register_forward_pre_hook(nsa.capture_hidden)
         if nsa.independent:
             model.get_submodule(site.key_proj).register_forward_hook(nsa.widen_keys)

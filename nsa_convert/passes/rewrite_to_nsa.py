@@ -21,6 +21,8 @@ def _widen(graph: Graph, linear: Node, hidden: Node, target: str, kind: str) -> 
         slc = graph.call_module(f"{target}.{kind}_proj_slc", (hidden,))
     with graph.inserting_after(slc):
         widened = graph.call_function(torch.ops.aten.cat.default, ([linear, cmp, slc], -1))
+    for node in (cmp, slc, widened):
+        node.meta["nn_module_stack"] = linear.meta.get("nn_module_stack", {})
     linear.replace_all_uses_with(widened, delete_user_cb=lambda user: user is not widened)
 
 
@@ -52,6 +54,7 @@ class RewriteToNSA(PassBase):
             with graph.inserting_before(node):
                 call = graph.call_module(target, (facts.query, facts.key, facts.value, facts.hidden))
             call.meta[REWRITTEN_KEY] = site
+            call.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
             node.replace_all_uses_with(call)
             graph.erase_node(node)
             modified = True
