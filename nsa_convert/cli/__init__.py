@@ -10,7 +10,17 @@ import sys
 
 from nsa_convert.cli.app import app
 
-COMMANDS = {"convert", "inspect", "batch", "verify", "--help", "-h", "--version", "--install-completion", "--show-completion"}
+COMMANDS = {
+    "convert",
+    "inspect",
+    "batch",
+    "verify",
+    "--help",
+    "-h",
+    "--version",
+    "--install-completion",
+    "--show-completion",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
