@@ -4,11 +4,11 @@ One program takes BT positions of one KV head with all G heads of its group (row
 to a power of two only here, because the group sum is a reshape). It walks the visible compressed keys in
 tiles aligned to BJ selection blocks, recomputes p_cmp = exp(scale·q·k_cmp − lse_cmp), sums it over the
 group, folds it into selection-block importance (spec eq. 9 as a banded convolution) and merges the tile into
-a running top list. Nothing of size T × Tc (or T × blocks) is written.
+a running top-n list. Nothing of size T × Tc (or T × blocks) is written.
 
 Ranking key (int64): importance bits (non-negative float32, so integer order is float order) in the high
 word and 0x7fffffff − j in the low word, so equal importance ranks the lower block first; forced blocks use
-the bits of +inf, non-candidates −1. Sorting the keys is exact: no importance bits are dropped.
+the bits of +inf, non-candidates −1. Comparing the keys is exact: no importance bits are dropped.
 """
 
 from __future__ import annotations
@@ -37,12 +37,30 @@ def _shift_blocks(c, SHIFT: tl.constexpr, BJ: tl.constexpr):
 
 
 @triton.jit
-def _merge_top(running, key, BT: tl.constexpr, R: tl.constexpr):
-    """The R largest of running ∪ key per row, sorted descending (both [BT, R] int64)."""
-    both = tl.reshape(tl.join(running, key), [BT, 2 * R])
-    both = tl.sort(both, 1, descending=True)
-    top, _ = tl.split(tl.permute(tl.reshape(both, [BT, 2, R]), [0, 2, 1]))
-    return top
+def _merge_top(running, key, TOPN: tl.constexpr):
+    """The TOPN largest of running ∪ key per row, descending, −1 padded (both [BT, R] int64, R ≥ TOPN).
+
+    TOPN rounds of max-and-remove: valid keys are unique (the block id is in them), so each round removes
+    exactly the element it emits.
+    """
+    slots = tl.arange(0, running.shape[1])[None, :]
+    top = tl.full(running.shape, -1, tl.int64)
+    gone = -(2**62)
+    for s in tl.static_range(TOPN):
+        best = tl.maximum(tl.max(running, 1), tl.max(key, 1))
+        top = tl.where(slots == s, best[:, None], top)
+        running = tl.where(running == best[:, None], gone, running)
+        key = tl.where(key == best[:, None], gone, key)
+    return tl.where(top < 0, -1, top)
+
+
+@triton.jit
+def _sort_ascending(x):
+    """Row-wise ascending sort of distinct int32 values [BT, R] by ranking (no tl.sort: it miscompiles
+    small 2-D shapes on Triton 3.6)."""
+    rank = tl.sum((x[:, None, :] < x[:, :, None]).to(tl.int32), 2)
+    slots = tl.arange(0, x.shape[1])[None, None, :]
+    return tl.sum(tl.where(rank[:, :, None] == slots, x[:, :, None], 0), 1)
 
 
 @triton.jit
@@ -96,6 +114,7 @@ def select_kernel(
     u = tl.arange(0, RP)
     jj = tl.arange(0, BJ)
     running = tl.full([BT, BJ], -1, tl.int64)
+    slot = tl.arange(0, BJ)[None, :]
     carry = tl.zeros([BT, BJ], tl.float32)
     kc_base = KC + h * sk_h
     for j0 in range(0, nb_hi, BJ):
@@ -123,13 +142,14 @@ def select_kernel(
         forced = (j == 0) | (j == cur[:, None]) | (j == cur[:, None] - 1)
         bits = tl.where(forced, 0x7F800000, imp.to(tl.int32, bitcast=True)).to(tl.int64)
         key = tl.where(cand, (bits << 32) | (0x7FFFFFFF - j).to(tl.int64), -1)
-        running = _merge_top(running, key, BT, BJ)
-    chosen = tl.where(running >= 0, 0x7FFFFFFF - (running & 0x7FFFFFFF), -1)
-    slot = tl.arange(0, BJ)[None, :]
-    big = 0x7FFFFFFF
-    chosen = tl.where((chosen >= 0) & (slot < TOPN), chosen, big)
-    chosen = tl.sort(chosen, 1)
-    chosen = tl.where(chosen == big, -1, chosen)
+        kth = tl.sum(tl.where(slot == TOPN - 1, running, 0), 1)
+        if tl.max(tl.max(key, 1) - kth) > 0:
+            running = _merge_top(running, key, TOPN)
+    chosen = tl.where(running >= 0, 0x7FFFFFFF - (running & 0x7FFFFFFF), -1).to(tl.int32)
+    big = 0x7FFFFFF0
+    chosen = tl.where((chosen >= 0) & (slot < TOPN), chosen, big + slot)
+    chosen = _sort_ascending(chosen)
+    chosen = tl.where(chosen >= big, -1, chosen)
     out_tok = (q_start + tt).to(tl.int64)
     tl.store(
         IDX + out_tok[:, None] * si_t + h * si_h + slot,
