@@ -19,8 +19,12 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
-# Forward epilogue modes: where the gated branch output goes.
+# Forward epilogue modes: where the gated branch output goes (Python ints; kernels see the constexprs).
 STORE_ACC, ADD_ACC, FINAL, LSE_ONLY = 0, 1, 2, 3
+_STORE_ACC = tl.constexpr(STORE_ACC)
+_ADD_ACC = tl.constexpr(ADD_ACC)
+_LSE_ONLY = tl.constexpr(LSE_ONLY)
+LN2_C = tl.constexpr(LN2)
 
 
 @triton.jit
@@ -98,7 +102,7 @@ def banded_fwd_kernel(
         p = tl.math.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-        if MODE != LSE_ONLY:
+        if MODE != _LSE_ONLY:
             vt = tl.load(
                 v_base + ktok[:, None] * sv_t + dv[None, :],
                 mask=s_ok[:, None] & (dv[None, :] < DV),
@@ -106,18 +110,18 @@ def banded_fwd_kernel(
             )
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
     nonempty = l_i > 0
-    lse = tl.where(nonempty, (m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0))) * LN2, float("-inf"))
+    lse = tl.where(nonempty, (m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0))) * LN2_C, float("-inf"))
     tl.store(LSE + tok * sl_t + hq * sl_h + BRANCH, lse, mask=row_ok)
-    if MODE != LSE_ONLY:
+    if MODE != _LSE_ONLY:
         gate = tl.load(GATE + tok * sg_t + hq * sg_h + BRANCH, mask=row_ok, other=0.0).to(tl.float32)
         o = acc * (gate / tl.where(nonempty, l_i, 1.0))[:, None]
         omask = row_ok[:, None] & (dv[None, :] < DV)
         a_ptr = ACC + tok[:, None] * sa_t + hq[:, None] * sa_h + dv[None, :]
-        if MODE == STORE_ACC:
+        if MODE == _STORE_ACC:
             tl.store(a_ptr, o, mask=omask)
         else:
             o += tl.load(a_ptr, mask=omask, other=0.0)
-            if MODE == ADD_ACC:
+            if MODE == _ADD_ACC:
                 tl.store(a_ptr, o, mask=omask)
             else:
                 o_ptr = OUT + tok[:, None] * so_t + hq[:, None] * so_h + dv[None, :]
@@ -363,17 +367,18 @@ def _fwd_config(dk: int, dv: int, device: str):
 
 
 def _bwd_config(dk: int, dv: int, device: str):
+    """dq kernel (BLOCK_M, BLOCK_N, warps, stages): sized so that nothing spills at D = 128 on sm_90."""
     if device != "cuda":
         return 16, 16, 4, 1
     if max(dk, dv) > 128:
-        return 64, 32, 4, 2
-    return 64, 64, 4, 2
+        return 32, 32, 8, 2
+    return 64, 32, 8, 2
 
 
 def _dkdv_blocks(dk: int, dv: int, device: str):
-    """(BLOCK_N keys, BLOCK_M query rows) of the dk/dv kernel."""
+    """(BLOCK_N keys, BLOCK_M query rows) of the dk/dv kernel (8 warps, like the dq kernel)."""
     if device != "cuda":
         return 16, 16
     if max(dk, dv) > 128:
-        return 64, 32
-    return 64, 64
+        return 32, 32
+    return 64, 32

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_convert.kernels.banded import ADD_ACC, LN2, LOG2E
+from nsa_convert.kernels.banded import ADD_ACC, LN2_C, LOG2E
 
 
 @triton.jit
@@ -74,7 +74,7 @@ def selected_fwd_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
             m_i = m_new
     nonempty = l_i > 0
-    lse = tl.where(nonempty, (m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0))) * LN2, float("-inf"))
+    lse = tl.where(nonempty, (m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0))) * LN2_C, float("-inf"))
     tl.store(LSE + tok * sl_t + hq * sl_h + 1, lse, mask=g_ok)
     gate = tl.load(GATE + tok * sg_t + hq * sg_h + 1, mask=g_ok, other=0.0).to(tl.float32)
     o = acc * (gate / tl.where(nonempty, l_i, 1.0))[:, None]
@@ -156,25 +156,29 @@ def selected_dq_kernel(
 
 @triton.jit
 def selected_dkdv_kernel(
-    Q, K, V, GATE, DO, LSE, DELTA, DK_, DV_, CU, POS, SEG,
+    Q, K, V, GATE, DO, LSE, DELTA, PART_K, PART_V, CU, POS, SEG, WORK_SEG, WORK_OFF,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t, sg_h, sd_t, sd_h, sl_t, sl_h, sdl_t, sdl_h,
-    sdk_t, sdk_h, sdv_t, sdv_h,
-    n_seq, max_blocks, scale, scale_log2,
-    GROUP: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
+    n_seq, max_blocks, n_seg, scale, scale_log2,
+    GROUP: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
 ):  # fmt: skip
-    """dk, dv of selection block j of one KV head from the positions that chose it (rows = positions × G).
+    """Partial dk, dv of one selection block from up to CHUNK of the positions that chose it.
 
     POS lists, per (h, sequence, block) segment SEG[(h·n_seq + b)·max_blocks + j] … SEG[… + 1], the packed
-    token index of each position that selected block j, ascending.
+    token index of each position that selected block j, ascending. Work item w (one program) is chunk
+    w − WORK_OFF[seg] of segment seg = WORK_SEG[w]; rows are those positions × the G group heads. Chunking
+    keeps block 0 (chosen by every position) from serialising the pass; PART_K/PART_V [W, BS, BDK|BDV].
     """
-    j = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    w = tl.program_id(0)
+    seg = tl.load(WORK_SEG + w)
+    if seg >= n_seg:
+        return
+    chunk = w - tl.load(WORK_OFF + seg)
+    j = seg % max_blocks
+    b = (seg // max_blocks) % n_seq
+    h = seg // (max_blocks * n_seq)
     q_start = tl.load(CU + b)
     T = tl.load(CU + b + 1) - q_start
-    if j * SEL >= T:
-        return
     kb = tl.arange(0, BS)
     s = j * SEL + kb
     s_ok = (kb < SEL) & (s < T)
@@ -187,15 +191,14 @@ def selected_dkdv_kernel(
     vv = tl.load(
         V + ktok[:, None] * sv_t + h * sv_h + dv[None, :], mask=s_ok[:, None] & (dv[None, :] < DV), other=0.0
     )
-    seg = (h * n_seq + b) * max_blocks + j
-    seg_start = tl.load(SEG + seg)
-    n_rows = (tl.load(SEG + seg + 1) - seg_start) * GROUP
+    p_begin = tl.load(SEG + seg) + chunk * CHUNK
+    n_rows = (tl.minimum(tl.load(SEG + seg + 1), p_begin + CHUNK) - p_begin) * GROUP
     acc_dk = tl.zeros([BS, BDK], tl.float32)
     acc_dv = tl.zeros([BS, BDV], tl.float32)
     for row0 in range(0, n_rows, BLOCK_M):
         rows = row0 + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
-        tok = tl.load(POS + seg_start + rows // GROUP, mask=row_ok, other=0)
+        tok = tl.load(POS + p_begin + rows // GROUP, mask=row_ok, other=0).to(tl.int64)
         t = tok - q_start
         hq = h * GROUP + rows % GROUP
         q = tl.load(
@@ -219,12 +222,49 @@ def selected_dkdv_kernel(
         ds_t = pg_t * (tl.dot(vv, tl.trans(do)) - delta[None, :])
         acc_dk += tl.dot(ds_t.to(q.dtype), q)
     acc_dk *= scale
-    tl.store(
-        DK_ + ktok[:, None] * sdk_t + h * sdk_h + dk[None, :], acc_dk, mask=s_ok[:, None] & (dk[None, :] < DK)
-    )
-    tl.store(
-        DV_ + ktok[:, None] * sdv_t + h * sdv_h + dv[None, :], acc_dv, mask=s_ok[:, None] & (dv[None, :] < DV)
-    )
+    part = w.to(tl.int64) * BS + kb[:, None]
+    tl.store(PART_K + part * BDK + dk[None, :], acc_dk)
+    tl.store(PART_V + part * BDV + dv[None, :], acc_dv)
+
+
+@triton.jit
+def selected_dkdv_reduce_kernel(
+    PART_K, PART_V, DK_, DV_, CU, WORK_OFF, sdk_t, sdk_h, sdv_t, sdv_h, n_seq, max_blocks,
+    SEL: tl.constexpr, BS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
+    BDV: tl.constexpr, ACCUM: tl.constexpr,
+):  # fmt: skip
+    """dk, dv of selection block j of KV head h: its chunks' partial sums, added in chunk order."""
+    j = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(CU + b)
+    T = tl.load(CU + b + 1) - q_start
+    if j * SEL >= T:
+        return
+    seg = (h * n_seq + b) * max_blocks + j
+    w0 = tl.load(WORK_OFF + seg)
+    w1 = tl.load(WORK_OFF + seg + 1)
+    kb = tl.arange(0, BS)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    acc_dk = tl.zeros([BS, BDK], tl.float32)
+    acc_dv = tl.zeros([BS, BDV], tl.float32)
+    for w in range(w0, w1):
+        part = w * BS + kb[:, None]
+        acc_dk += tl.load(PART_K + part * BDK + dk[None, :])
+        acc_dv += tl.load(PART_V + part * BDV + dv[None, :])
+    s = j * SEL + kb
+    s_ok = (kb < SEL) & (s < T)
+    ktok = (q_start + s).to(tl.int64)
+    dk_ptr = DK_ + ktok[:, None] * sdk_t + h * sdk_h + dk[None, :]
+    dv_ptr = DV_ + ktok[:, None] * sdv_t + h * sdv_h + dv[None, :]
+    dk_mask = s_ok[:, None] & (dk[None, :] < DK)
+    dv_mask = s_ok[:, None] & (dv[None, :] < DV)
+    if ACCUM:
+        acc_dk += tl.load(dk_ptr, mask=dk_mask, other=0.0)
+        acc_dv += tl.load(dv_ptr, mask=dv_mask, other=0.0)
+    tl.store(dk_ptr, acc_dk, mask=dk_mask)
+    tl.store(dv_ptr, acc_dv, mask=dv_mask)
 
 
 def _pow2(x: int) -> int:
@@ -237,7 +277,7 @@ def _gather_consts(q, k, v, params):
     return dict(
         GROUP=group, BH=_pow2(group), SEL=params.block_size, BS=_pow2(params.block_size),
         TOPN=params.top_n, DK=q.shape[2], DV=v.shape[2], BDK=_pow2(q.shape[2]), BDV=_pow2(v.shape[2]),
-        num_warps=4, num_stages=2 if gpu else 1,
+        num_warps=8 if gpu else 4, num_stages=2 if gpu else 1,
     )  # fmt: skip
 
 
@@ -253,30 +293,43 @@ def selected_forward(q, k, v, idx, gates, acc, lse, cu, max_len, params, *, accu
     )  # fmt: skip
 
 
-def invert_selection(idx, cu, max_blocks):
-    """(POS, SEG): for each (KV head, sequence, block) the packed positions that selected it, ascending.
+def invert_selection(idx, cu, max_blocks, chunk):
+    """(POS, SEG, WORK_SEG, WORK_OFF): the positions that selected each block, and the dk/dv work list.
 
-    idx [N, Hkv, n] with block ids local to each sequence. A stable sort of the flattened (h, token, slot)
-    order keeps each segment's positions ascending, so the dk/dv sums run in a fixed order.
+    idx [N, Hkv, n] holds block ids local to each sequence. Segment (h, sequence, block) lists its packed
+    positions ascending in POS[SEG[seg] : SEG[seg + 1]] (a stable sort of the (h, token, slot) order, so
+    the dk/dv sums run in a fixed order). Segment seg splits into chunks of `chunk` positions, work items
+    WORK_OFF[seg] … WORK_OFF[seg + 1] − 1; WORK_SEG maps each work item back to its segment (n_seg past
+    the end). The work list has a static upper bound, so nothing waits on the device.
     """
     n_tok, hkv, top_n = idx.shape
     n_seq = cu.numel() - 1
+    dev = idx.device
     lengths = (cu[1:] - cu[:-1]).long()
-    seq = torch.repeat_interleave(torch.arange(n_seq, device=idx.device), lengths, output_size=n_tok)
-    heads = torch.arange(hkv, device=idx.device)
-    seg = (heads[:, None, None] * n_seq + seq[None, :, None]) * max_blocks + idx.permute(1, 0, 2)
+    seq = torch.repeat_interleave(torch.arange(n_seq, device=dev), lengths, output_size=n_tok)
+    heads = torch.arange(hkv, device=dev)
+    local = idx.permute(1, 0, 2)
+    seg = (heads[:, None, None] * n_seq + seq[None, :, None]) * max_blocks + local
     n_seg = hkv * n_seq * max_blocks
-    seg = torch.where(idx.permute(1, 0, 2) >= 0, seg, n_seg).reshape(-1)
+    seg = torch.where(local >= 0, seg, n_seg).reshape(-1)
     order = torch.sort(seg, stable=True).indices
     pos = ((order // top_n) % n_tok).to(torch.int32)
     counts = torch.bincount(seg, minlength=n_seg + 1)[:n_seg]
-    offsets = torch.zeros(n_seg + 1, dtype=torch.int64, device=idx.device)
+    offsets = torch.zeros(n_seg + 1, dtype=torch.int64, device=dev)
     offsets[1:] = torch.cumsum(counts, 0)
-    return pos, offsets
+    work_off = torch.zeros(n_seg + 1, dtype=torch.int64, device=dev)
+    work_off[1:] = torch.cumsum((counts + chunk - 1) // chunk, 0)
+    n_work = n_seg + triton.cdiv(seg.numel(), chunk)
+    work = torch.arange(n_work, device=dev)
+    work_seg = torch.searchsorted(work_off[1:], work, right=True).to(torch.int32)
+    return pos, offsets, work_seg, work_off
 
 
-def selected_backward(q, k, v, idx, gates, do, lse, dq, delta, dk, dv, cu, max_len, params, *, accum_dq):
-    """dq (fp32, added to when accum_dq), delta[..., 1], then dk/dv (fp32, written for every key)."""
+def selected_backward(
+    q, k, v, idx, gates, do, lse, dq, delta, dk, dv, cu, max_len, params, *, accum_dq, accum_dkv=False
+):
+    """dq (fp32, added to when accum_dq), delta[..., 1], then dk/dv (fp32, written for every key, or added
+    to when accum_dkv)."""
     consts = _gather_consts(q, k, v, params)
     n_seq = cu.numel() - 1
     hkv = k.shape[1]
@@ -288,14 +341,24 @@ def selected_backward(q, k, v, idx, gates, do, lse, dq, delta, dk, dv, cu, max_l
         params.scale, params.scale * LOG2E, ACCUM=accum_dq, **consts,
     )  # fmt: skip
     max_blocks = triton.cdiv(max_len, params.block_size)
-    pos, seg = invert_selection(idx, cu, max_blocks)
+    gpu = q.device.type == "cuda"
+    chunk = 1024 if gpu else 8
+    pos, seg, work_seg, work_off = invert_selection(idx, cu, max_blocks, chunk)
     for key in ("BH", "TOPN"):
         consts.pop(key)
-    block_m = 64 if q.device.type == "cuda" else 16
-    selected_dkdv_kernel[(max_blocks, hkv, n_seq)](
-        q, k, v, gates, do, lse, delta, dk, dv, cu, pos, seg,
+    n_work = work_seg.numel()
+    bs, bdk, bdv = consts["BS"], consts["BDK"], consts["BDV"]
+    part_k = torch.empty(n_work, bs, bdk, dtype=torch.float32, device=q.device)
+    part_v = torch.empty(n_work, bs, bdv, dtype=torch.float32, device=q.device)
+    selected_dkdv_kernel[(n_work,)](
+        q, k, v, gates, do, lse, delta, part_k, part_v, cu, pos, seg, work_seg, work_off,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         gates.stride(0), gates.stride(1), do.stride(0), do.stride(1), lse.stride(0), lse.stride(1),
-        delta.stride(0), delta.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        n_seq, max_blocks, params.scale, params.scale * LOG2E, BLOCK_M=block_m, **consts,
+        delta.stride(0), delta.stride(1), n_seq, max_blocks, hkv * n_seq * max_blocks,
+        params.scale, params.scale * LOG2E, BLOCK_M=32 if gpu else 16, CHUNK=chunk, **consts,
+    )  # fmt: skip
+    selected_dkdv_reduce_kernel[(max_blocks, hkv, n_seq)](
+        part_k, part_v, dk, dv, cu, work_off, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        n_seq, max_blocks, SEL=params.block_size, BS=bs, DK=consts["DK"], DV=consts["DV"], BDK=bdk, BDV=bdv,
+        ACCUM=accum_dkv, num_warps=4,
     )  # fmt: skip

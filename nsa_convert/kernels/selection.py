@@ -169,7 +169,7 @@ def select_launch(q, k_cmp, lse_cmp, indices, cu_q, cu_k, max_len, params):
     qc = params.compress_block // params.compress_stride
     spill = (ratio + qc - 2) // ratio
     bj = max(16, triton.next_power_of_2(params.top_n), triton.next_power_of_2(spill + 1))
-    rows = 64 if q.device.type == "cuda" else 16
+    rows = 128 if q.device.type == "cuda" else 16
     bt = max(1, rows // gp)
     if bt * gp < 16:
         bt = 16 // gp
