@@ -132,3 +132,27 @@ def test_sliding_window_layers_stay_dense(tmp_path):
     ids = torch.randint(0, VOCAB, (1, SHORT))
     with torch.no_grad():
         assert relative_error(model(ids, use_cache=False).logits, dense(ids, use_cache=False).logits) <= 1e-3
+
+
+def test_module_tree_is_the_original_plus_nsa_children(converted):
+    source, out, _ = converted
+    loaded = {name for name, _ in nsa_convert.load(out).named_modules()}
+    original = {name for name, _ in dense_model(source).named_modules()}
+    assert original <= loaded
+    assert all(".nsa" in name for name in loaded - original)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
+    source = make_checkpoint(tmp_path / "dense", "llama-g4")
+    nsa_convert.convert(source, tmp_path / "nsa", SMALL)
+    ids = torch.randint(0, VOCAB, (1, LONG))
+    grads = []
+    for checkpointing in (False, True):
+        model = nsa_convert.load(tmp_path / "nsa", dtype=torch.float32).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if ".nsa." in name})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
