@@ -119,6 +119,8 @@ def bench_flex(b, hq, hkv, d, t, window):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if _flex is None:
+        # one compile per shape and grad mode: 2 configs × 4 lengths × 2 exceed dynamo's default limit of 8
+        torch._dynamo.config.recompile_limit = 64
         _flex = torch.compile(flex_attention, dynamic=False)
     dev, dt = "cuda", torch.bfloat16
     q = torch.randn(b, hq, t, d, device=dev, dtype=dt, requires_grad=True)
