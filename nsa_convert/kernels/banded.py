@@ -13,6 +13,7 @@ The branch's gate and lse live in column `BRANCH` of the 3-wide tensors.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -219,16 +220,21 @@ def banded_bwd_dq_kernel(
 def banded_bwd_dkdv_kernel(
     Q, K, V, GATE, DO, LSE, DELTA, DK_, DV_, CU_Q, CU_K,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t, sg_h, sd_t, sd_h, sl_t, sl_h, sdl_t, sdl_h,
-    sdk_t, sdk_h, sdv_t, sdv_h,
-    scale, scale_log2,
+    sdk_s, sdk_t, sdk_h, sdv_s, sdv_t, sdv_h,
+    splits, scale, scale_log2,
     GROUP: tl.constexpr, KSTRIDE: tl.constexpr, KSPAN: tl.constexpr, WINDOW: tl.constexpr,
     BRANCH: tl.constexpr, ACCUM: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """dk, dv of BLOCK_N keys of one KV head: loop over the query rows that see them (no atomics)."""
+    """dk, dv of BLOCK_N keys of one KV head: loop over the query rows that see them (no atomics).
+
+    The rows are cut into `splits` contiguous parts, one program each, written to DK_/DV_ + split·stride
+    (summed afterwards in a fixed order): the compressed branch has few keys, each seen by many rows.
+    """
     pid_n = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1) // splits
+    split = tl.program_id(1) % splits
     b = tl.program_id(2)
     q_start = tl.load(CU_Q + b)
     T = tl.load(CU_Q + b + 1) - q_start
@@ -258,11 +264,15 @@ def banded_bwd_dkdv_kernel(
         t_end = tl.minimum(T, tl.minimum(n0 + BLOCK_N, Tk) - 1 + WINDOW)
     acc_dk = tl.zeros([BLOCK_N, BDK], tl.float32)
     acc_dv = tl.zeros([BLOCK_N, BDV], tl.float32)
-    for row0 in range(t_first * GROUP, t_end * GROUP, BLOCK_M):
+    r_first = t_first * GROUP
+    per_split = tl.cdiv(tl.cdiv(tl.maximum(t_end * GROUP - r_first, 0), splits), BLOCK_M) * BLOCK_M
+    r_begin = r_first + split * per_split
+    r_end = tl.minimum(t_end * GROUP, r_begin + per_split)
+    for row0 in range(r_begin, r_end, BLOCK_M):
         rows = row0 + tl.arange(0, BLOCK_M)
         t = rows // GROUP
         hq = h * GROUP + rows % GROUP
-        row_ok = t < t_end
+        row_ok = rows < r_end
         tok = (q_start + t).to(tl.int64)
         q = tl.load(
             Q + tok[:, None] * sq_t + hq[:, None] * sq_h + dk[None, :],
@@ -286,8 +296,8 @@ def banded_bwd_dkdv_kernel(
         ds_t = pg_t * (dp_t - delta[None, :])
         acc_dk += tl.dot(ds_t.to(q.dtype), q)
     acc_dk *= scale
-    dk_ptr = DK_ + ktok[:, None] * sdk_t + h * sdk_h + dk[None, :]
-    dv_ptr = DV_ + ktok[:, None] * sdv_t + h * sdv_h + dv[None, :]
+    dk_ptr = DK_ + split * sdk_s + ktok[:, None] * sdk_t + h * sdk_h + dk[None, :]
+    dv_ptr = DV_ + split * sdv_s + ktok[:, None] * sdv_t + h * sdv_h + dv[None, :]
     dk_mask = s_ok[:, None] & (dk[None, :] < DK)
     dv_mask = s_ok[:, None] & (dv[None, :] < DV)
     if ACCUM:
@@ -348,13 +358,29 @@ def banded_backward(
     kv_block_n, kv_block_m = _dkdv_blocks(dkh, dvh, q.device.type)
     if max_len_k == 0:
         return
-    banded_bwd_dkdv_kernel[(triton.cdiv(max_len_k, kv_block_n), hkv, n_seq)](
-        q, k, v, gates, do, lse, delta, dk, dv, cu_q, cu_k,
+    n_kb = triton.cdiv(max_len_k, kv_block_n)
+    target = 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2)
+    splits = 1 if window else max(1, min(32, triton.cdiv(target, n_kb * hkv * n_seq)))
+    out_k, out_v = dk, dv
+    if splits > 1:
+        out_k = torch.empty(splits, *dk.shape, dtype=dk.dtype, device=dk.device)
+        out_v = torch.empty(splits, *dv.shape, dtype=dv.dtype, device=dv.device)
+    sk3 = out_k.stride() if splits > 1 else (0, *dk.stride())
+    sv3 = out_v.stride() if splits > 1 else (0, *dv.stride())
+    banded_bwd_dkdv_kernel[(n_kb, hkv * splits, n_seq)](
+        q, k, v, gates, do, lse, delta, out_k, out_v, cu_q, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         gates.stride(0), gates.stride(1), do.stride(0), do.stride(1), lse.stride(0), lse.stride(1),
-        delta.stride(0), delta.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        scale, scale * LOG2E, ACCUM=accum_dkv, BLOCK_M=kv_block_m, BLOCK_N=kv_block_n, **consts,
+        delta.stride(0), delta.stride(1), sk3[0], sk3[1], sk3[2], sv3[0], sv3[1], sv3[2],
+        splits, scale, scale * LOG2E, ACCUM=accum_dkv and splits == 1, BLOCK_M=kv_block_m,
+        BLOCK_N=kv_block_n, **consts,
     )  # fmt: skip
+    if splits > 1:
+        for total, parts in ((dk, out_k), (dv, out_v)):
+            if accum_dkv:
+                total.add_(parts.sum(0))
+            else:
+                torch.sum(parts, 0, out=total)
 
 
 def _fwd_config(dk: int, dv: int, device: str):
@@ -367,18 +393,19 @@ def _fwd_config(dk: int, dv: int, device: str):
 
 
 def _bwd_config(dk: int, dv: int, device: str):
-    """dq kernel (BLOCK_M, BLOCK_N, warps, stages): sized so that nothing spills at D = 128 on sm_90."""
+    """(BLOCK_M, BLOCK_N, warps, stages) of both backward kernels; measured: 8 warps with halved tiles
+    (no spills) ran 2× slower at 64k than these."""
     if device != "cuda":
         return 16, 16, 4, 1
     if max(dk, dv) > 128:
-        return 32, 32, 8, 2
-    return 64, 32, 8, 2
+        return 64, 32, 4, 2
+    return 64, 64, 4, 2
 
 
 def _dkdv_blocks(dk: int, dv: int, device: str):
-    """(BLOCK_N keys, BLOCK_M query rows) of the dk/dv kernel (8 warps, like the dq kernel)."""
+    """(BLOCK_N keys, BLOCK_M query rows) of the dk/dv kernel."""
     if device != "cuda":
         return 16, 16
     if max(dk, dv) > 128:
-        return 32, 32
-    return 64, 32
+        return 64, 32
+    return 64, 64

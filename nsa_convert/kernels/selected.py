@@ -277,7 +277,7 @@ def _gather_consts(q, k, v, params):
     return dict(
         GROUP=group, BH=_pow2(group), SEL=params.block_size, BS=_pow2(params.block_size),
         TOPN=params.top_n, DK=q.shape[2], DV=v.shape[2], BDK=_pow2(q.shape[2]), BDV=_pow2(v.shape[2]),
-        num_warps=8 if gpu else 4, num_stages=2 if gpu else 1,
+        num_warps=4, num_stages=2 if gpu else 1,
     )  # fmt: skip
 
 
@@ -344,7 +344,7 @@ def selected_backward(
     gpu = q.device.type == "cuda"
     chunk = 1024 if gpu else 8
     pos, seg, work_seg, work_off = invert_selection(idx, cu, max_blocks, chunk)
-    for key in ("BH", "TOPN"):
+    for key in ("BH", "TOPN", "num_warps"):
         consts.pop(key)
     n_work = work_seg.numel()
     bs, bdk, bdv = consts["BS"], consts["BDK"], consts["BDV"]
@@ -355,7 +355,8 @@ def selected_backward(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         gates.stride(0), gates.stride(1), do.stride(0), do.stride(1), lse.stride(0), lse.stride(1),
         delta.stride(0), delta.stride(1), n_seq, max_blocks, hkv * n_seq * max_blocks,
-        params.scale, params.scale * LOG2E, BLOCK_M=32 if gpu else 16, CHUNK=chunk, **consts,
+        params.scale, params.scale * LOG2E, BLOCK_M=32 if gpu else 16, CHUNK=chunk, num_warps=8 if gpu else 4,
+        **consts,
     )  # fmt: skip
     selected_dkdv_reduce_kernel[(max_blocks, hkv, n_seq)](
         part_k, part_v, dk, dv, cu, work_off, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
