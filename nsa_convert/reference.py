@@ -5,6 +5,9 @@ that a step never holds more than `MAX_CHUNK_SCORES` attention scores instead of
 Half-precision inputs are computed in float32 (float64 inputs stay float64); outputs come back in q's
 dtype, log-sum-exps (natural log, of the scaled scores) in float32.
 
+`nsa_decode` is the decoding path: the last n tokens of each sequence against a KV cache (sequences of
+different lengths, right-aligned in it), the same outputs as the full-sequence computation at those rows.
+
 Shapes: q (B, T, Hq, Dk), k (B, T, Hkv, Dk), v (B, T, Hkv, Dv), k_cmp (B, Tc, Hkv, Dk),
 v_cmp (B, Tc, Hkv, Dv) with Tc = spec.num_compressed_blocks(T, l, d), gates (B, T, Hq, 3) ordered
 (cmp, slc, win), indices (B, T, Hkv, top_n).  Every function takes `params` with its scale resolved.
@@ -243,15 +246,25 @@ def _select_chunk(
         p_cmp, _ = _softmax(_exact_scores(q_chunk, k_cmp[:, : chunk.key_stop], _scale(params)), chunk.mask)
         shared = F.pad(p_cmp.sum(dim=2), (0, 1))
         importance = shared[..., _importance_terms(blocks, chunk.key_stop, params, q.device)].sum(dim=-1)
-    j = torch.arange(blocks, device=q.device)
     current = (torch.arange(chunk.start, chunk.stop, device=q.device) // block)[:, None]
+    return _top_blocks(importance, current, params.top_n).permute(0, 2, 1, 3)
+
+
+def _top_blocks(importance: torch.Tensor, current: torch.Tensor, top_n: int) -> torch.Tensor:
+    """The selected set from block importance (..., blocks): blocks 0, current − 1 and current forced, blocks
+    after current excluded, the rest by importance (ties to the lower index); sorted ascending, −1 padded.
+
+    current (each query's ⌊t / l'⌋, negative for a padding query, which selects nothing) broadcasts
+    against importance[..., :1].
+    """
+    blocks = importance.shape[-1]
+    j = torch.arange(blocks, device=importance.device)
     forced = (j == 0) | (j == current) | (j == current - 1)
     ranked = importance.masked_fill(forced, float("inf")).masked_fill(j > current, float("-inf"))
-    top = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., : params.top_n]
+    top = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :top_n]
     top = torch.sort(torch.where(top <= current, top, blocks), dim=-1).values
     top = torch.where(top == blocks, -1, top)
-    top = F.pad(top, (0, params.top_n - top.shape[-1]), value=-1)
-    return top.permute(0, 2, 1, 3)
+    return F.pad(top, (0, top_n - top.shape[-1]), value=-1)
 
 
 def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, params: SparsityParams) -> torch.Tensor:
@@ -391,3 +404,93 @@ def nsa_backward(
         None if k_win is None else dk_win.to(k_win.dtype),
         None if v_win is None else dv_win.to(v_win.dtype),
     )
+
+
+def _decode_select(
+    grouped: torch.Tensor,
+    k_cmp: torch.Tensor,
+    cmp_mask: torch.Tensor,
+    positions: torch.Tensor,
+    num_blocks: int,
+    params: SparsityParams,
+) -> torch.Tensor:
+    """Selected blocks (B, n, Hkv, top_n) of grouped decode queries, computed as `select_blocks` does."""
+    batch, n, num_kv_heads = grouped.shape[:3]
+    num_cmp = k_cmp.shape[1]
+    if num_cmp == 0:
+        importance = grouped.new_zeros(batch, num_kv_heads, n, num_blocks)
+    else:
+        p_cmp, _ = _softmax(_exact_scores(grouped, k_cmp.detach(), _scale(params)), cmp_mask)
+        shared = F.pad(p_cmp.sum(dim=2), (0, 1))
+        terms = _importance_terms(num_blocks, num_cmp, params, grouped.device)
+        importance = shared[..., terms].sum(dim=-1)
+    current = positions.div(params.block_size, rounding_mode="floor")[:, None, :, None]
+    return _top_blocks(importance, current, params.top_n).permute(0, 2, 1, 3).contiguous()
+
+
+def _local_positions(num_rows: int, seq_lens: torch.Tensor) -> torch.Tensor:
+    """(B, rows): the token each row of a right-aligned cache holds (row S − L_b + p holds token p; < 0: padding)."""
+    rows = torch.arange(num_rows, device=seq_lens.device)
+    return rows[None, :] - (num_rows - seq_lens)[:, None]
+
+
+def nsa_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cmp: torch.Tensor,
+    v_cmp: torch.Tensor,
+    gates: torch.Tensor,
+    seq_lens: torch.Tensor,
+    params: SparsityParams,
+    k_win: torch.Tensor | None = None,
+    v_win: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NSA for the last n tokens of each sequence from a KV cache: the full-sequence o[t] at those positions.
+
+    Sequence b holds L_b = seq_lens[b] tokens (the n new ones included); q (B, n, Hq, Dk) and gates
+    (B, n, Hq, 3) are its tokens L_b − n … L_b − 1 (a negative position is padding: output 0, no blocks).
+    k (B, S, Hkv, Dk), v (B, S, Hkv, Dv) feed selection and hold each sequence right-aligned: row S − L_b + p
+    is token p, the rows before it left padding, so S ≥ max L_b.  k_win/v_win (B, S_w, Hkv, ·), when given,
+    feed the window instead, right-aligned the same way; they may keep only their last w + n − 1 rows.
+    k_cmp (B, Tcc, Hkv, Dk), v_cmp (B, Tcc, Hkv, Dv) hold each sequence's compressed blocks from index 0;
+    entries past spec.num_compressed_blocks(L_b) are ignored.  Returns out (B, n, Hq, Dv) in q's dtype,
+    lse (B, n, Hq, 3) float32 and indices (B, n, Hkv, top_n) int64, as nsa_forward does for those rows.
+    """
+    n, num_kv_heads = q.shape[1], k.shape[2]
+    grouped = _grouped(q, num_kv_heads)
+    lens = seq_lens.to(device=q.device, dtype=torch.long)
+    positions = lens[:, None] - n + torch.arange(n, device=q.device)
+    length, stride, block = params.compress_block, params.compress_stride, params.block_size
+
+    block_end = torch.arange(k_cmp.shape[1], device=q.device) * stride + length - 1
+    cmp_mask = (block_end <= positions[..., None])[:, None, None]
+    num_blocks = num_selection_blocks(k.shape[1], block)
+    indices = _decode_select(grouped, k_cmp, cmp_mask, positions, num_blocks, params)
+
+    tokens = _local_positions(k.shape[1], lens)
+    chosen = torch.zeros(*indices.shape[:-1], num_blocks + 2, dtype=torch.bool, device=q.device)
+    chosen.scatter_(-1, torch.where(indices < 0, num_blocks, indices), True)
+    token_block = torch.where(tokens >= 0, tokens.div(block, rounding_mode="floor"), num_blocks + 1)
+    in_selected = chosen.gather(-1, token_block[:, None, None, :].expand(*indices.shape[:-1], -1))
+    slc_mask = (in_selected & (tokens[:, None, None, :] <= positions[:, :, None, None])).permute(0, 2, 1, 3)
+
+    k_win = k if k_win is None else k_win
+    v_win = v if v_win is None else v_win
+    window_tokens = _local_positions(k_win.shape[1], lens)[:, None, :]
+    t = positions[..., None]
+    win_mask = (window_tokens >= 0) & (window_tokens <= t) & (window_tokens > t - params.window)
+
+    branches = [
+        (k_cmp, v_cmp, cmp_mask),
+        (k, v, slc_mask.unsqueeze(2)),
+        (k_win, v_win, win_mask[:, None, None]),
+    ]
+    results = [
+        _branch_forward(grouped, keys, values, [_Chunk(0, n, 0, keys.shape[1], mask)], _scale(params))
+        for keys, values, mask in branches
+    ]
+    g = gates.to(grouped.dtype)
+    out = sum(g[..., i : i + 1] * o for i, (o, _) in enumerate(results))
+    lse = torch.stack([branch_lse for _, branch_lse in results], dim=-1)
+    return out.to(q.dtype), lse.float(), indices

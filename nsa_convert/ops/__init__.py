@@ -3,7 +3,8 @@
 `nsa_convert::nsa_attention` returns (out, lse, indices) and dispatches to a backend: "reference"
 (`nsa_convert.reference`, any device) or "triton" (`nsa_convert.kernels`, CUDA).  Its backward is a second
 op, `nsa_convert::nsa_attention_backward`, so the backward is backend-specific and traceable as well.
-`nsa_convert::select_blocks` exposes the block selection alone.  Use the Python wrappers below: they
+`nsa_convert::select_blocks` exposes the block selection alone; `nsa_convert::nsa_decode` is the decoding
+path (the last few tokens of each sequence against a KV cache, `nsa_convert.kernels.decode` on "triton").  Use the Python wrappers below: they
 validate inputs, resolve the default scale and the "auto" backend, then call the ops.
 """
 
@@ -19,7 +20,14 @@ from torch import Tensor
 from nsa_convert import reference
 from nsa_convert.spec import SparsityParams, num_compressed_blocks
 
-__all__ = ["BACKENDS", "nsa_attention", "nsa_attention_with_stats", "select_blocks"]
+__all__ = [
+    "BACKENDS",
+    "nsa_attention",
+    "nsa_attention_with_stats",
+    "nsa_decode",
+    "nsa_decode_with_stats",
+    "select_blocks",
+]
 
 BACKENDS = ("auto", "reference", "triton")
 """Accepted `backend` names; "auto" means "triton" for CUDA inputs when Triton imports, else "reference"."""
@@ -43,10 +51,12 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _implementation(backend: str, name: str) -> Any:
-    """`name` (nsa_forward, nsa_backward or select_blocks) of the backend's module."""
+    """`name` (nsa_forward, nsa_backward, select_blocks or nsa_decode) of the backend's module."""
     module: ModuleType
     if backend == "reference":
         module = reference
+    elif backend == "triton" and name == "nsa_decode":
+        import nsa_convert.kernels.decode as module
     elif backend == "triton":
         import nsa_convert.kernels as module
     else:
@@ -219,6 +229,56 @@ def _select_blocks_fake(
 ) -> Tensor:
     batch, seq_len = q.shape[:2]
     return q.new_empty(batch, seq_len, k_cmp.shape[2], top_n, dtype=torch.long)
+
+
+@torch.library.custom_op("nsa_convert::nsa_decode", mutates_args=())
+def _nsa_decode_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    gates: Tensor,
+    seq_lens: Tensor,
+    k_win: Tensor | None,
+    v_win: Tensor | None,
+    block_size: int,
+    top_n: int,
+    window: int,
+    compress_block: int,
+    compress_stride: int,
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    params = _params(block_size, top_n, window, compress_block, compress_stride, scale)
+    decode = _implementation(backend, "nsa_decode")
+    return decode(q, k, v, k_cmp, v_cmp, gates, seq_lens, params, k_win, v_win)
+
+
+@_nsa_decode_op.register_fake
+def _nsa_decode_fake(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    gates: Tensor,
+    seq_lens: Tensor,
+    k_win: Tensor | None,
+    v_win: Tensor | None,
+    block_size: int,
+    top_n: int,
+    window: int,
+    compress_block: int,
+    compress_stride: int,
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    batch, n, num_q_heads, _ = q.shape
+    out = q.new_empty(batch, n, num_q_heads, v.shape[-1])
+    lse = q.new_empty(batch, n, num_q_heads, 3, dtype=torch.float32)
+    indices = q.new_empty(batch, n, k.shape[2], top_n, dtype=torch.long)
+    return out, lse, indices
 
 
 def _check_rank4(**tensors: Tensor | None) -> None:
@@ -421,3 +481,154 @@ def select_blocks(
         float(params.scale),
         _resolve_backend(backend, q.device),
     )
+
+
+def _check_decode(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    gates: Tensor,
+    seq_lens: Tensor,
+    k_win: Tensor | None,
+    v_win: Tensor | None,
+) -> None:
+    _check_rank4(q=q, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, gates=gates, k_win=k_win, v_win=v_win)
+    batch, n, num_q_heads, head_dim = q.shape
+    if n < 1:
+        raise ValueError("q must hold at least one new token")
+    if not q.is_floating_point():
+        raise ValueError(f"q must be a floating-point tensor, got {q.dtype}")
+    num_kv_heads, value_dim, cached = k.shape[2], v.shape[3], k.shape[1]
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"the query heads ({num_q_heads}) must be a multiple of the KV heads ({num_kv_heads})"
+        )
+    if (k_win is None) != (v_win is None):
+        raise ValueError("k_win and v_win must be given together (or both left out)")
+    expected: dict[str, tuple[int, ...]] = {
+        "k": (batch, cached, num_kv_heads, head_dim),
+        "v": (batch, cached, num_kv_heads, value_dim),
+        "k_cmp": (batch, k_cmp.shape[1], num_kv_heads, head_dim),
+        "v_cmp": (batch, k_cmp.shape[1], num_kv_heads, value_dim),
+        "gates": (batch, n, num_q_heads, 3),
+    }
+    tensors = {"k": k, "v": v, "k_cmp": k_cmp, "v_cmp": v_cmp, "gates": gates}
+    if k_win is not None and v_win is not None:
+        expected["k_win"] = (batch, k_win.shape[1], num_kv_heads, head_dim)
+        expected["v_win"] = (batch, k_win.shape[1], num_kv_heads, value_dim)
+        tensors.update(k_win=k_win, v_win=v_win)
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(
+                f"{name} has shape {tuple(tensors[name].shape)}, expected {shape} from q {tuple(q.shape)} and k "
+                f"{tuple(k.shape)}"
+            )
+    for name, x in tensors.items():
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {x.dtype} but q has {q.dtype}: cast all inputs to one dtype")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    if seq_lens.shape != (batch,) or seq_lens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"seq_lens must be an int32/int64 tensor of shape ({batch},), got {seq_lens.dtype} "
+            f"{tuple(seq_lens.shape)}"
+        )
+    if seq_lens.device != q.device:
+        raise ValueError(f"seq_lens is on {seq_lens.device} but q is on {q.device}")
+
+
+def nsa_decode_with_stats(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    gates: Tensor,
+    seq_lens: Tensor,
+    *,
+    k_win: Tensor | None = None,
+    v_win: Tensor | None = None,
+    block_size: int = 64,
+    top_n: int = 16,
+    window: int = 512,
+    compress_block: int = 32,
+    compress_stride: int = 16,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Like `nsa_decode`, also returning each branch's log-sum-exp (B, n, Hq, 3) and the selected blocks
+    (B, n, Hkv, top_n), as `nsa_attention_with_stats` does for those rows."""
+    params = SparsityParams(block_size, top_n, window, compress_block, compress_stride, scale)
+    _check_decode(q, k, v, k_cmp, v_cmp, gates, seq_lens, k_win, v_win)
+    params = params.resolved(q.shape[-1])
+    return _nsa_decode_op(
+        q,
+        k,
+        v,
+        k_cmp,
+        v_cmp,
+        gates,
+        seq_lens,
+        k_win,
+        v_win,
+        block_size,
+        top_n,
+        window,
+        compress_block,
+        compress_stride,
+        float(params.scale),
+        _resolve_backend(backend, q.device),
+    )
+
+
+def nsa_decode(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    gates: Tensor,
+    seq_lens: Tensor,
+    *,
+    k_win: Tensor | None = None,
+    v_win: Tensor | None = None,
+    block_size: int = 64,
+    top_n: int = 16,
+    window: int = 512,
+    compress_block: int = 32,
+    compress_stride: int = 16,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """NSA output of the n newest tokens of each sequence from its KV cache (no gradient: inference only).
+
+    Equal to `nsa_attention` on the whole sequence at those positions.  seq_lens (B,) int: L_b, the tokens of
+    sequence b including the n new ones; q (B, n, Hq, Dk) and gates (B, n, Hq, 3) are its tokens
+    L_b − n … L_b − 1.  k (B, S, Hkv, Dk), v (B, S, Hkv, Dv): the cache feeding selection, each sequence
+    right-aligned (row S − L_b + p is token p; earlier rows are left padding; S ≥ max L_b).  k_win/v_win,
+    when given, feed the window, right-aligned too, holding at least the last w + n − 1 rows.
+    k_cmp (B, Tcc, Hkv, Dk), v_cmp (B, Tcc, Hkv, Dv): each sequence's compressed blocks from index 0
+    (Tcc ≥ spec.num_compressed_blocks(L_b); later entries are ignored).  Any strides: cache views need no
+    copy.  Returns out (B, n, Hq, Dv) in q's dtype.
+    """
+    out, _, _ = nsa_decode_with_stats(
+        q,
+        k,
+        v,
+        k_cmp,
+        v_cmp,
+        gates,
+        seq_lens,
+        k_win=k_win,
+        v_win=v_win,
+        block_size=block_size,
+        top_n=top_n,
+        window=window,
+        compress_block=compress_block,
+        compress_stride=compress_stride,
+        scale=scale,
+        backend=backend,
+    )
+    return out

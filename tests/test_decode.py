@@ -1,0 +1,327 @@
+"""Decoding: the reference decode path, the decode op, the Triton decode kernels and the NSA cache layer.
+
+The spec's property is the oracle throughout: decoding the last n tokens of a sequence gives the rows the
+full-sequence computation gives there.  Batches hold sequences of different lengths, right-aligned in the
+cache as left padding leaves them; T crosses compression (l) and selection (l') block boundaries.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from naive_nsa import naive_nsa
+
+from nsa_convert import ops, reference
+from nsa_convert.kernels import decode as kernels
+from nsa_convert.nn.cache import ROUND, NSACacheLayer, _Timeline
+from nsa_convert.nn.compression import BlockCompressor
+from nsa_convert.spec import SparsityParams, num_compressed_blocks
+
+# l = 8, d = 4, l' = 16, n = 4, w = 24: a few dozen tokens cross every boundary.
+GEOMETRY = dict(block_size=16, top_n=4, window=24, compress_block=8, compress_stride=4)
+PARAMS = SparsityParams(**GEOMETRY)
+NAMES = ("q", "k", "v", "k_cmp", "v_cmp", "gates")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: threads only add synchronisation (and contention on a loaded CI machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sequence(rng, length, q_heads, kv_heads, dim, dtype=torch.float64, params=PARAMS, windows=False):
+    """Random full-sequence inputs of one sequence (batch 1), keyed like nsa_forward's arguments."""
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=rng, dtype=torch.float64).to(dtype)
+
+    num_cmp = num_compressed_blocks(length, params.compress_block, params.compress_stride)
+    x = {
+        "q": randn(1, length, q_heads, dim),
+        "k": randn(1, length, kv_heads, dim),
+        "v": randn(1, length, kv_heads, dim),
+        "k_cmp": randn(1, num_cmp, kv_heads, dim),
+        "v_cmp": randn(1, num_cmp, kv_heads, dim),
+        "gates": torch.rand(1, length, q_heads, 3, generator=rng, dtype=torch.float64).to(dtype),
+    }
+    if windows:
+        x["k_win"], x["v_win"] = randn(1, length, kv_heads, dim), randn(1, length, kv_heads, dim)
+    return x
+
+
+def batch_cache(rng, sequences, n, params, keep_window=None):
+    """Decode inputs for the last n tokens of each sequence: raw caches right-aligned (left-padded with
+    random garbage), compressed ones left-aligned (garbage after each sequence's blocks)."""
+    lengths = [x["q"].shape[1] for x in sequences]
+    width = max(lengths)
+    tc = max(x["k_cmp"].shape[1] for x in sequences)
+
+    def right(name):
+        rows = []
+        for x in sequences:
+            t = x[name]
+            pad = torch.randn(1, width - t.shape[1], *t.shape[2:], generator=rng, dtype=torch.float64)
+            rows.append(torch.cat([pad.to(t.dtype), t], dim=1))
+        return torch.cat(rows)
+
+    def left(name):
+        rows = []
+        for x in sequences:
+            t = x[name]
+            pad = torch.randn(1, tc - t.shape[1], *t.shape[2:], generator=rng, dtype=torch.float64)
+            rows.append(torch.cat([t, pad.to(t.dtype)], dim=1))
+        return torch.cat(rows)
+
+    inputs = {
+        "q": torch.cat([x["q"][:, -n:] for x in sequences]),
+        "k": right("k"),
+        "v": right("v"),
+        "k_cmp": left("k_cmp"),
+        "v_cmp": left("v_cmp"),
+        "gates": torch.cat([x["gates"][:, -n:] for x in sequences]),
+        "seq_lens": torch.tensor(lengths),
+    }
+    if "k_win" in sequences[0]:
+        inputs["k_win"], inputs["v_win"] = right("k_win"), right("v_win")
+        if keep_window is not None:
+            inputs["k_win"], inputs["v_win"] = (
+                inputs["k_win"][:, -keep_window:],
+                inputs["v_win"][:, -keep_window:],
+            )
+    return inputs
+
+
+def full_rows(sequences, n, params):
+    """nsa_forward on each whole sequence, last n rows: (out, lse, indices) batched."""
+    outs = [reference.nsa_forward(**x, params=params) for x in sequences]
+    return tuple(torch.cat([o[i][:, -n:] for o in outs]) for i in range(3))
+
+
+def decode_args(inputs):
+    return [inputs[name] for name in (*NAMES, "seq_lens")]
+
+
+def windows_of(inputs):
+    return {name: inputs[name] for name in ("k_win", "v_win") if name in inputs}
+
+
+@pytest.mark.parametrize(
+    ("q_heads", "kv_heads", "lengths", "n"),
+    [(4, 2, [7, 8, 9], 1), (6, 2, [15, 16, 17, 33], 1), (3, 1, [48, 31, 64], 3), (2, 2, [40, 5], 4)],
+)
+@pytest.mark.parametrize("separate_windows", [False, True])
+def test_reference_decode_equals_full_sequence(rng, q_heads, kv_heads, lengths, n, separate_windows):
+    params = PARAMS.resolved(8)
+    sequences = [sequence(rng, t, q_heads, kv_heads, 8, windows=separate_windows) for t in lengths]
+    keep = params.window + n - 1 if separate_windows else None
+    inputs = batch_cache(rng, sequences, n, params, keep_window=keep)
+    out, lse, indices = reference.nsa_decode(*decode_args(inputs), params, **windows_of(inputs))
+    expected_out, expected_lse, expected_indices = full_rows(sequences, n, params)
+    assert torch.equal(indices, expected_indices)
+    torch.testing.assert_close(out, expected_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-10, atol=1e-12)
+
+
+def test_reference_decode_matches_naive(rng):
+    params = PARAMS.resolved(8)
+    x = sequence(rng, 45, 4, 2, 8)
+    expected, expected_indices = naive_nsa(**x, params=params)
+    inputs = batch_cache(rng, [x], 2, params)
+    out, _, indices = reference.nsa_decode(*decode_args(inputs), params)
+    assert torch.equal(indices, expected_indices[:, -2:])
+    torch.testing.assert_close(out, expected[:, -2:], rtol=1e-10, atol=1e-12)
+
+
+def test_padding_queries_give_zero(rng):
+    params = PARAMS.resolved(8)
+    long, short = sequence(rng, 20, 2, 1, 8), sequence(rng, 2, 2, 1, 8)
+    inputs = batch_cache(rng, [long, short], 1, params)
+    inputs["q"] = torch.cat([long["q"][:, -4:], torch.randn(1, 4, 2, 8, generator=rng, dtype=torch.float64)])
+    inputs["gates"] = torch.rand(2, 4, 2, 3, generator=rng, dtype=torch.float64)
+    inputs["seq_lens"] = torch.tensor([20, 2])
+    out, lse, indices = reference.nsa_decode(*decode_args(inputs), params)
+    assert torch.equal(out[1, :2], torch.zeros_like(out[1, :2])) and (indices[1, :2] == -1).all()
+    assert torch.isinf(lse[1, :2]).all() and torch.isfinite(out).all()
+
+
+def test_decode_op_checks_and_traces(rng):
+    params = PARAMS.resolved(8)
+    inputs = batch_cache(rng, [sequence(rng, 30, 4, 2, 8), sequence(rng, 21, 4, 2, 8)], 2, params)
+    args = decode_args(inputs)
+    out, lse, indices = ops.nsa_decode_with_stats(*args, **GEOMETRY, backend="reference")
+    expected = reference.nsa_decode(*args, params)
+    assert torch.equal(out, expected[0]) and torch.equal(indices, expected[2])
+    assert lse.dtype == torch.float32 and indices.dtype == torch.int64
+    config = (*GEOMETRY.values(), float(params.scale), "reference")
+    torch.library.opcheck(ops._nsa_decode_op, (*args, None, None, *config))
+    meta = [x.to("meta") for x in args]
+    out, lse, indices = ops._nsa_decode_op(*meta, None, None, *config)
+    assert out.shape == (2, 2, 4, 8) and lse.shape == (2, 2, 4, 3) and indices.shape == (2, 2, 2, 4)
+
+
+def test_decode_op_rejects_bad_inputs(rng):
+    params = PARAMS.resolved(8)
+    good = batch_cache(rng, [sequence(rng, 30, 4, 2, 8)], 1, params)
+    cases = [
+        ({"q": good["q"][0]}, "q must have 4 dimensions"),
+        ({"k": good["k"][:, :, :1]}, "has shape"),
+        ({"v_cmp": good["v_cmp"][..., :-1]}, "v_cmp has shape"),
+        ({"gates": good["gates"][..., :2]}, "gates has shape"),
+        ({"seq_lens": good["seq_lens"].float()}, "seq_lens"),
+        ({"seq_lens": torch.tensor([30, 30])}, "seq_lens"),
+        ({"k_win": good["k"]}, "k_win and v_win"),
+        ({"v": good["v"].float()}, "dtype"),
+    ]
+    for overrides, message in cases:
+        arguments = {**good, **overrides}
+        tensors = [arguments.pop(name) for name in (*NAMES, "seq_lens")]
+        with pytest.raises(ValueError, match=message):
+            ops.nsa_decode(*tensors, **arguments, **GEOMETRY)
+
+
+KERNEL_CASES = [
+    # (Hq, Hkv, lengths, n): G = 1, 3, 4, 7, 16; n·G past MAX_ROWS splits the new tokens into chunks.
+    (2, 2, [40, 9], 1),
+    (3, 1, [57, 64, 33], 2),
+    (4, 1, [100, 17], 1),
+    (7, 1, [65, 80], 3),
+    (16, 1, [70, 47], 5),
+]
+
+
+@pytest.mark.parametrize(("q_heads", "kv_heads", "lengths", "n"), KERNEL_CASES)
+def test_kernels_match_reference(rng, monkeypatch, q_heads, kv_heads, lengths, n):
+    monkeypatch.setattr(kernels, "POISON", True)
+    params = SparsityParams(**GEOMETRY).resolved(16)
+    separate = q_heads == 7
+    sequences = [sequence(rng, t, q_heads, kv_heads, 16, torch.float32, windows=separate) for t in lengths]
+    keep = params.window + n - 1 if separate else None
+    inputs = batch_cache(rng, sequences, n, params, keep_window=keep)
+    out, lse, indices = kernels.nsa_decode(*decode_args(inputs), params, **windows_of(inputs))
+    expected_out, expected_lse, expected_indices = reference.nsa_decode(
+        *decode_args(inputs), params, **windows_of(inputs)
+    )
+    assert torch.equal(indices, expected_indices)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
+    finite = expected_lse.isfinite()
+    assert torch.equal(lse.isfinite(), finite)
+    torch.testing.assert_close(lse[finite], expected_lse[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_equal_full_sequence_across_boundaries(rng):
+    """The spec's property on the kernels: decode at T = l − 1 … past 2·l' + d equals nsa_forward's row."""
+    params = SparsityParams(**GEOMETRY).resolved(16)
+    x = sequence(rng, 40, 4, 1, 16, torch.float32)
+    full_out, _, full_indices = reference.nsa_forward(**{k: v.double() for k, v in x.items()}, params=params)
+    lengths = [7, 8, 9, 15, 16, 17, 31, 32, 33, 36, 40]
+    sequences = [{name: t[:, :length] for name, t in x.items()} for length in lengths]
+    for seq, length in zip(sequences, lengths, strict=True):
+        num_cmp = num_compressed_blocks(length, params.compress_block, params.compress_stride)
+        seq["k_cmp"], seq["v_cmp"] = x["k_cmp"][:, :num_cmp], x["v_cmp"][:, :num_cmp]
+    inputs = batch_cache(rng, sequences, 1, params)
+    out, _, indices = ops.nsa_decode_with_stats(*decode_args(inputs), **GEOMETRY, backend="triton")
+    rows = torch.tensor(lengths) - 1
+    assert torch.equal(indices[:, 0], full_indices[0, rows])
+    torch.testing.assert_close(out[:, 0].double(), full_out[0, rows], rtol=1e-5, atol=1e-5)
+
+
+def compressors(dim, params, seed=0):
+    torch.manual_seed(seed)
+    pair = [BlockCompressor(dim, params.compress_block, params.compress_stride) for _ in range(2)]
+    for module in pair:
+        with torch.no_grad():
+            for p in module.parameters():
+                p.normal_(0.0, 0.3)
+    return pair
+
+
+@pytest.mark.parametrize("independent", [False, True])
+def test_cache_layer_extends_compressed_blocks_incrementally(rng, independent):
+    """Prefill, then decode steps of 1 and 3 tokens: the compressed cache equals φ over each sequence, the
+    raw views hold each sequence right-aligned, and the independent branches keep only w − 1 / l − 1 past."""
+    params, heads, dim = PARAMS, 2, 4
+    m = 3 if independent else 1
+    layer = NSACacheLayer(heads, independent, params)
+    compress_k, compress_v = compressors(dim, params)
+    pads = torch.tensor([0, 5, 11])
+    total = 70
+    keys = torch.randn(3, m * heads, total, dim, generator=rng)
+    values = torch.randn(3, m * heads, total, dim, generator=rng)
+    prefill = 20
+    layer.update(keys[:, :, :prefill], values[:, :, :prefill])
+    assert not layer.decoding
+    cmp_branch = slice(heads, 2 * heads) if independent else slice(0, heads)
+    slc_branch = slice(2 * heads, 3 * heads) if independent else slice(0, heads)
+
+    width = num_compressed_blocks(prefill, params.compress_block, params.compress_stride)
+    k_cmp = torch.randn(3, width, heads, dim, generator=rng)
+    v_cmp = torch.randn(3, width, heads, dim, generator=rng)
+    for b, pad in enumerate(pads.tolist()):
+        own = keys[b : b + 1, cmp_branch, pad:prefill].transpose(1, 2)
+        own_v = values[b : b + 1, cmp_branch, pad:prefill].transpose(1, 2)
+        with torch.no_grad():
+            count = num_compressed_blocks(prefill - pad, params.compress_block, params.compress_stride)
+            k_cmp[b, :count] = compress_k(own)[0]
+            v_cmp[b, :count] = compress_v(own_v)[0]
+    layer.start(pads, k_cmp, v_cmp)
+    end = prefill
+    for step in [1, 1, 3, 1, 1, 1, 3, 1] * 4 + [1] * 10:
+        if end + step > total:
+            break
+        layer.update(keys[:, :, end : end + step], values[:, :, end : end + step])
+        end += step
+        assert layer.decoding and layer.get_seq_length() == end
+        layer.extend_compressed(compress_k, compress_v)
+        assert torch.equal(layer.seq_lens(), end - pads.int())
+        got_k, got_v = layer.compressed_kv()
+        sel_k, _ = layer.selection_kv()
+        assert torch.equal(sel_k, keys[:, slc_branch, :end].transpose(1, 2))
+        for b, pad in enumerate(pads.tolist()):
+            own_k = keys[b : b + 1, cmp_branch, pad:end].transpose(1, 2)
+            own_v = values[b : b + 1, cmp_branch, pad:end].transpose(1, 2)
+            count = num_compressed_blocks(end - pad, params.compress_block, params.compress_stride)
+            with torch.no_grad():
+                torch.testing.assert_close(got_k[b, :count], compress_k(own_k)[0], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(got_v[b, :count], compress_v(own_v)[0], rtol=1e-5, atol=1e-6)
+        if independent:
+            win_k, _ = layer.window_kv()
+            assert min(end, params.window - 1 + step) <= win_k.shape[1] <= end
+            assert torch.equal(win_k, keys[:, :heads, end - win_k.shape[1] : end].transpose(1, 2))
+    raw = sum(x[:, :, :end].numel() * 4 for x in (keys, values))
+    compressed = sum(x.numel() * x.element_size() for x in layer.compressed_kv())
+    assert layer.nbytes() == raw + compressed if not independent else layer.nbytes() < raw + compressed
+
+
+def test_trimmed_timeline_keeps_what_the_next_step_needs(rng):
+    """A window timeline (keep = w − 1) appended token by token holds the last ≥ keep tokens, and a bounded
+    number of them: O(1) amortised work per token, memory independent of the sequence length."""
+    timeline = _Timeline(keep=23)
+    tokens = torch.randn(1, 1, 2000, 2, generator=rng)
+    timeline.append(tokens[:, :, :5], -tokens[:, :, :5])
+    for end in range(6, 2001):
+        timeline.append(tokens[:, :, end - 1 : end], -tokens[:, :, end - 1 : end])
+        held, negated = timeline.view()
+        assert min(end, 24) <= held.shape[2] <= 2 * ROUND and timeline.end == end
+        assert torch.equal(held, tokens[:, :, end - held.shape[2] : end]) and torch.equal(negated, -held)
+
+
+def test_cache_layer_batch_operations(rng):
+    layer = NSACacheLayer(1, False, PARAMS)
+    keys = torch.randn(2, 1, 30, 4, generator=rng)
+    layer.update(keys, keys + 1)
+    layer.start(torch.tensor([0, 3]), torch.randn(2, 5, 1, 4), torch.randn(2, 5, 1, 4))
+    layer.update(torch.randn(2, 1, 1, 4), torch.randn(2, 1, 1, 4))
+    layer.reorder_cache(torch.tensor([1, 0]))
+    assert layer.pads == [3, 0] and torch.equal(layer.selection_kv()[0][0, :30, 0], keys[1, 0])
+    layer.batch_repeat_interleave(2)
+    assert layer.pads == [3, 3, 0, 0] and layer.selection_kv()[0].shape[0] == 4
+    layer.batch_select_indices(torch.tensor([0, 2]))
+    assert layer.pads == [3, 0] and torch.equal(layer.seq_lens(), torch.tensor([28, 31], dtype=torch.int32))
+    layer.crop(-1)
+    assert layer.get_seq_length() == 30 and layer.selection_kv()[0].shape[1] == 30
+    layer.reset()
+    assert layer.get_seq_length() == 0 and not layer.is_initialized
