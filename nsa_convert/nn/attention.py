@@ -1,7 +1,8 @@
 """NSAttention: the new parameters of one converted site and the NSA computation on SDPA-layout tensors.
 
 The rewritten FX graph calls this module in place of the SDPA node; the eager model calls it from the
-attention function that `nsa_convert.nn.install` registers with transformers.  One class, one function.
+attention function that `nsa_convert.nn.install` registers with transformers.  With a KV cache, a prefill
+runs `forward` (the training op) and fills the layer's `NSACacheLayer`; later calls run `decode`.
 """
 
 from __future__ import annotations
@@ -10,9 +11,17 @@ import torch
 from torch import nn
 
 from nsa_convert.config import NSAConfig
+from nsa_convert.nn.cache import NSACacheLayer, nsa_cache_layer
 from nsa_convert.nn.compression import BlockCompressor
-from nsa_convert.ops import nsa_attention
+from nsa_convert.ops import nsa_attention, nsa_decode
 from nsa_convert.sites import AttentionSite
+
+
+def _shift_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """y[b, i] = x[b, i + shift[b]] (clamped to the sequence) for x [B, T, ...]: moves each sequence in time."""
+    seq_len = x.shape[1]
+    index = (torch.arange(seq_len, device=x.device)[None, :] + shift[:, None]).clamp(0, seq_len - 1)
+    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x))
 
 
 def _linear_like(linear: nn.Module) -> nn.Linear:
@@ -61,6 +70,7 @@ class NSAttention(nn.Module):
             self.v_proj_cmp = _linear_like(value_proj)
             self.v_proj_slc = _linear_like(value_proj)
         self._hidden: torch.Tensor | None = None
+        self._cache_layer: NSACacheLayer | None = None
         self.reset_gate()
 
     @torch.no_grad()
@@ -93,6 +103,26 @@ class NSAttention(nn.Module):
         """Forward hook on the dense value projection (see widen_keys)."""
         return torch.cat([output, self.v_proj_cmp(args[0]), self.v_proj_slc(args[0])], dim=-1)
 
+    def attach_cache(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook (with kwargs) on the attention module: put this layer's NSACacheLayer into the
+        call's cache before the module updates it, and keep it for the attention function."""
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            self._cache_layer = None
+            return
+        layer_idx = getattr(module, "layer_idx", None)
+        if layer_idx is None:
+            raise NotImplementedError(
+                f"{type(module).__name__} has no layer_idx: NSA cannot find its cache layer"
+            )
+        self._cache_layer = nsa_cache_layer(
+            cache, layer_idx, self.num_kv_heads, self.independent, self.params
+        )
+
+    def take_cache_layer(self) -> NSACacheLayer | None:
+        layer, self._cache_layer = self._cache_layer, None
+        return layer
+
     def take_hidden(self) -> torch.Tensor:
         hidden, self._hidden = self._hidden, None
         if hidden is None:
@@ -107,20 +137,79 @@ class NSAttention(nn.Module):
         h = self.num_kv_heads
         return x[:, :, :h], x[:, :, h : 2 * h], x[:, :, 2 * h :]
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, hidden: torch.Tensor):
-        batch, _, seq_len, _ = query.shape
-        gates = torch.sigmoid(self.gate(hidden).float()).view(batch, seq_len, self.num_q_heads, 3)
+    def _gates(self, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[B, T, Hq, 3] sigmoid gates (cmp, slc, win) from the hidden state that fed the query projection."""
+        batch, seq_len = hidden.shape[:2]
+        return torch.sigmoid(self.gate(hidden).float()).view(batch, seq_len, self.num_q_heads, 3).to(dtype)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        hidden: torch.Tensor,
+        pads: torch.Tensor | None = None,
+        cache: NSACacheLayer | None = None,
+    ) -> torch.Tensor:
+        """Whole sequences through the training op.
+
+        pads (B,): left-padding tokens per sequence; each sequence is moved to start at position 0 (its
+        NSA positions are its own), computed, and moved back, padding rows giving 0.  cache: the layer's
+        NSACacheLayer, given the compressed K/V and padding for decoding after this prefill.
+        """
+        q = query.transpose(1, 2)
+        gates = self._gates(hidden, query.dtype)
         k_win, k_cmp, k_slc = self._split(key)
         v_win, v_cmp, v_slc = self._split(value)
+        if pads is not None:
+            q, gates, k_win, k_cmp, k_slc, v_win, v_cmp, v_slc = (
+                _shift_rows(x, pads) for x in (q, gates, k_win, k_cmp, k_slc, v_win, v_cmp, v_slc)
+            )
+        compressed_k, compressed_v = self.compress_k(k_cmp), self.compress_v(v_cmp)
+        if cache is not None:
+            cache.start(pads, compressed_k, compressed_v)
         out = nsa_attention(
+            q,
+            k_slc,
+            v_slc,
+            compressed_k,
+            compressed_v,
+            gates,
+            k_win=k_win if self.independent else None,
+            v_win=v_win if self.independent else None,
+            block_size=self.params.block_size,
+            top_n=self.params.top_n,
+            window=self.params.window,
+            compress_block=self.params.compress_block,
+            compress_stride=self.params.compress_stride,
+            scale=self.params.scale,
+            backend=self.backend,
+        )
+        if pads is not None:
+            out = _shift_rows(out, -pads)
+            real = torch.arange(out.shape[1], device=out.device)[None, :] >= pads[:, None]
+            out = torch.where(real[:, :, None, None], out, 0.0)
+        return out.transpose(1, 2)
+
+    def decode(self, query: torch.Tensor, hidden: torch.Tensor, cache: NSACacheLayer) -> torch.Tensor:
+        """The newest tokens (query [B, Hq, n, Dk], already in `cache`) against the cache: [B, Hq, n, Dv].
+
+        Compresses the blocks these tokens complete, then runs the decode op on the cache's views.
+        """
+        cache.extend_compressed(self.compress_k, self.compress_v)
+        k_slc, v_slc = cache.selection_kv()
+        k_win, v_win = cache.window_kv()
+        k_cmp, v_cmp = cache.compressed_kv()
+        out = nsa_decode(
             query.transpose(1, 2),
             k_slc,
             v_slc,
-            self.compress_k(k_cmp),
-            self.compress_v(v_cmp),
-            gates.to(query.dtype),
-            k_win=k_win if self.independent else None,
-            v_win=v_win if self.independent else None,
+            k_cmp,
+            v_cmp,
+            self._gates(hidden, query.dtype),
+            cache.seq_lens(),
+            k_win=k_win,
+            v_win=v_win,
             block_size=self.params.block_size,
             top_n=self.params.top_n,
             window=self.params.window,

@@ -2,7 +2,9 @@
 
 Each converted attention module gains an `nsa` child (NSAttention).  A transformers attention
 function named "nsa" routes converted modules through it and every other module through SDPA, so
-layers kept dense (sliding-window ones, say) behave exactly as before.
+layers kept dense (sliding-window ones, say) behave exactly as before.  A pre-hook on each converted
+attention module gives its layer of the call's KV cache an NSACacheLayer, so generate() and
+`model(ids, use_cache=True)` followed by decoding calls work with transformers' own DynamicCache.
 """
 
 from __future__ import annotations
@@ -20,22 +22,32 @@ from nsa_convert.sites import AttentionSite, converted
 ATTN_IMPLEMENTATION = "nsa"
 
 
-def _check_unpadded_causal(mask: torch.Tensor | None, q_len: int, kv_len: int) -> None:
-    """NSA is causal by construction; refuse padding or custom masks rather than ignore them."""
+def left_padding(mask: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Tensor | None:
+    """Left-padding tokens per sequence (B,) of a whole-sequence call's mask, or None when there are none.
+
+    NSA is causal by construction: the only mask it takes is the causal mask of left-padded sequences
+    (what generate() and tokenizers with padding_side="left" make); any other is refused rather than ignored.
+    """
     if q_len != kv_len:
         raise NotImplementedError(
-            "NSA layers compute full sequences; incremental decoding with a KV cache is not supported yet "
-            "(call the model with use_cache=False)"
+            "NSA layers got cached keys without their NSA cache layer: pass the cache as the "
+            "past_key_values keyword (or call the model with use_cache=False)"
         )
     if mask is None or torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        return
-    allowed = mask if mask.dtype == torch.bool else mask == 0
-    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=allowed.device).tril()
-    if not torch.equal(allowed, causal.expand_as(allowed)):
+        return None
+    allowed = (mask if mask.dtype == torch.bool else mask == 0)[:, 0]
+    pads = kv_len - allowed[:, -1].sum(dim=-1)
+    i = torch.arange(q_len, device=allowed.device)[:, None]
+    j = torch.arange(kv_len, device=allowed.device)[None, :]
+    expected = (j <= i) & (j >= pads[:, None, None])
+    # Rows of padding queries see nothing; some mask builders let them see everything instead: skip them.
+    checked = (allowed == expected) | (i < pads[:, None, None])
+    if not bool(checked.all()):
         raise ValueError(
-            "NSA layers take causal attention over unpadded sequences; this call passed a padding or custom "
-            "attention mask (pack documents without padding instead)"
+            "NSA layers take causal attention over left-padded sequences; this call passed another mask "
+            "(right padding or a custom mask)"
         )
+    return pads if bool(pads.any()) else None
 
 
 def nsa_attention_forward(
@@ -48,14 +60,23 @@ def nsa_attention_forward(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: NSA for converted modules, SDPA for the rest."""
+    """transformers attention function: NSA for converted modules, SDPA for the rest.
+
+    A converted module decodes from its NSACacheLayer once that holds earlier tokens (the attention mask is
+    then not read: the prefill's padding stands); otherwise it runs whole sequences, filling the cache
+    layer when there is one.
+    """
     nsa = getattr(module, "nsa", None)
     if not isinstance(nsa, NSAttention):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    _check_unpadded_causal(attention_mask, query.shape[2], key.shape[2])
-    out = nsa(query, key, value, nsa.take_hidden())
+    hidden, cache = nsa.take_hidden(), nsa.take_cache_layer()
+    if cache is not None and cache.decoding:
+        out = nsa.decode(query, hidden, cache)
+    else:
+        pads = left_padding(attention_mask, query.shape[2], key.shape[2])
+        out = nsa(query, key, value, hidden, pads=pads, cache=cache)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -96,6 +117,7 @@ def install_nsa(model: nn.Module, sites: list[AttentionSite], config: NSAConfig)
         nsa = build_site_module(model, site, config)
         model.get_submodule(site.module).add_module("nsa", nsa)
         model.get_submodule(site.query_proj).register_forward_pre_hook(nsa.capture_hidden)
+        model.get_submodule(site.module).register_forward_pre_hook(nsa.attach_cache, with_kwargs=True)
         if nsa.independent:
             model.get_submodule(site.key_proj).register_forward_hook(nsa.widen_keys)
             model.get_submodule(site.value_proj).register_forward_hook(nsa.widen_values)
