@@ -12,6 +12,8 @@ each sequence, ascending, −1 padded), gates/lse [N, Hq, 3] (column 1 is this b
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -52,27 +54,26 @@ def selected_fwd_kernel(
     v_base = V + h * sv_h
     for slot in range(TOPN):
         j = tl.load(IDX + tok * si_t + h * si_h + slot)
-        if j >= 0:
-            s = j * SEL + kb
-            s_ok = (kb < SEL) & (s <= t)
-            ktok = (q_start + s).to(tl.int64)
-            kt = tl.load(
-                k_base + ktok[None, :] * sk_t + dk[:, None],
-                mask=s_ok[None, :] & (dk[:, None] < DK),
-                other=0.0,
-            )
-            vv = tl.load(
-                v_base + ktok[:, None] * sv_t + dv[None, :],
-                mask=s_ok[:, None] & (dv[None, :] < DV),
-                other=0.0,
-            )
-            qk = tl.where(s_ok[None, :], tl.dot(q, kt) * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
-            m_i = m_new
+        s = j * SEL + kb
+        s_ok = (kb < SEL) & (s <= t) & (s >= 0)
+        ktok = (q_start + s).to(tl.int64)
+        kt = tl.load(
+            k_base + ktok[None, :] * sk_t + dk[:, None],
+            mask=s_ok[None, :] & (dk[:, None] < DK),
+            other=0.0,
+        )
+        vv = tl.load(
+            v_base + ktok[:, None] * sv_t + dv[None, :],
+            mask=s_ok[:, None] & (dv[None, :] < DV),
+            other=0.0,
+        )
+        qk = tl.where(s_ok[None, :], tl.dot(q, kt) * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+        m_i = m_new
     nonempty = l_i > 0
     lse = tl.where(nonempty, (m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0))) * LN2_C, float("-inf"))
     tl.store(LSE + tok * sl_t + hq * sl_h + 1, lse, mask=g_ok)
@@ -124,26 +125,25 @@ def selected_dq_kernel(
     v_base = V + h * sv_h
     for slot in range(TOPN):
         j = tl.load(IDX + tok * si_t + h * si_h + slot)
-        if j >= 0:
-            s = j * SEL + kb
-            s_ok = (kb < SEL) & (s <= t)
-            ktok = (q_start + s).to(tl.int64)
-            kk = tl.load(
-                k_base + ktok[:, None] * sk_t + dk[None, :],
-                mask=s_ok[:, None] & (dk[None, :] < DK),
-                other=0.0,
-            )
-            vt = tl.load(
-                v_base + ktok[None, :] * sv_t + dv[:, None],
-                mask=s_ok[None, :] & (dv[:, None] < DV),
-                other=0.0,
-            )
-            qk = tl.dot(q, tl.trans(kk)) * scale_log2
-            p = tl.where(s_ok[None, :], tl.math.exp2(qk - lse2[:, None]), 0.0)
-            pdp = p * tl.dot(do, vt)
-            delta += tl.sum(pdp, 1)
-            acc_pdp += tl.dot(pdp.to(kk.dtype), kk)
-            acc_p += tl.dot(p.to(kk.dtype), kk)
+        s = j * SEL + kb
+        s_ok = (kb < SEL) & (s <= t) & (s >= 0)
+        ktok = (q_start + s).to(tl.int64)
+        kk = tl.load(
+            k_base + ktok[:, None] * sk_t + dk[None, :],
+            mask=s_ok[:, None] & (dk[None, :] < DK),
+            other=0.0,
+        )
+        vt = tl.load(
+            v_base + ktok[None, :] * sv_t + dv[:, None],
+            mask=s_ok[None, :] & (dv[:, None] < DV),
+            other=0.0,
+        )
+        qk = tl.dot(q, tl.trans(kk)) * scale_log2
+        p = tl.where(s_ok[None, :], tl.math.exp2(qk - lse2[:, None]), 0.0)
+        pdp = p * tl.dot(do, vt)
+        delta += tl.sum(pdp, 1)
+        acc_pdp += tl.dot(pdp.to(kk.dtype), kk)
+        acc_p += tl.dot(p.to(kk.dtype), kk)
     gate = tl.load(GATE + tok * sg_t + hq * sg_h + 1, mask=g_ok, other=0.0).to(tl.float32)
     dq = (acc_pdp - delta[:, None] * acc_p) * (gate * scale)[:, None]
     dq_ptr = DQ + tok * sdq_t + hq[:, None] * sdq_h + dk[None, :]
@@ -277,8 +277,20 @@ def _gather_consts(q, k, v, params):
     return dict(
         GROUP=group, BH=_pow2(group), SEL=params.block_size, BS=_pow2(params.block_size),
         TOPN=params.top_n, DK=q.shape[2], DV=v.shape[2], BDK=_pow2(q.shape[2]), BDV=_pow2(v.shape[2]),
-        num_warps=4, num_stages=2 if gpu else 1,
+        num_warps=4, num_stages=int(os.environ.get("NSA_SLC_STAGES", 2)) if gpu else 1,
     )  # fmt: skip
+
+
+def _dkdv_config(q):
+    """(BLOCK_M, warps, stages, CHUNK) of the dk/dv pass, measured on the H100 (NOTES.md): 64 rows with 8
+    warps beat 32/8 (the old setting), 64/4 and 128/8; smaller chunks did not help at 8k.
+    NSA_SLC_DKDV="bm,warps,stages,chunk" overrides (benchmarking)."""
+    if q.device.type != "cuda":
+        return 16, 4, 1, 8
+    env = os.environ.get("NSA_SLC_DKDV")
+    if env:
+        return tuple(int(x) for x in env.split(","))
+    return 64, 8, 2, 1024
 
 
 def selected_forward(q, k, v, idx, gates, acc, lse, cu, max_len, params, *, accumulate):
@@ -341,10 +353,9 @@ def selected_backward(
         params.scale, params.scale * LOG2E, ACCUM=accum_dq, **consts,
     )  # fmt: skip
     max_blocks = triton.cdiv(max_len, params.block_size)
-    gpu = q.device.type == "cuda"
-    chunk = 1024 if gpu else 8
+    block_m, warps, stages, chunk = _dkdv_config(q)
     pos, seg, work_seg, work_off = invert_selection(idx, cu, max_blocks, chunk)
-    for key in ("BH", "TOPN", "num_warps"):
+    for key in ("BH", "TOPN", "num_warps", "num_stages"):
         consts.pop(key)
     n_work = work_seg.numel()
     bs, bdk, bdv = consts["BS"], consts["BDK"], consts["BDV"]
@@ -355,7 +366,7 @@ def selected_backward(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         gates.stride(0), gates.stride(1), do.stride(0), do.stride(1), lse.stride(0), lse.stride(1),
         delta.stride(0), delta.stride(1), n_seq, max_blocks, hkv * n_seq * max_blocks,
-        params.scale, params.scale * LOG2E, BLOCK_M=32 if gpu else 16, CHUNK=chunk, num_warps=8 if gpu else 4,
+        params.scale, params.scale * LOG2E, BLOCK_M=block_m, CHUNK=chunk, num_warps=warps, num_stages=stages,
         **consts,
     )  # fmt: skip
     selected_dkdv_reduce_kernel[(max_blocks, hkv, n_seq)](

@@ -13,6 +13,8 @@ the bits of +inf, non-candidates −1. Comparing the keys is exact: no importanc
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -37,21 +39,60 @@ def _shift_blocks(c, SHIFT: tl.constexpr, BJ: tl.constexpr):
 
 
 @triton.jit
-def _merge_top(running, key, TOPN: tl.constexpr):
-    """The TOPN largest of running ∪ key per row, descending, −1 padded (both [BT, R] int64, R ≥ TOPN).
+def _beats(va, ja, vb, jb):
+    """a ranks before b: larger importance, ties to the lower block id (ids in one row are distinct)."""
+    return (va > vb) | ((va == vb) & (ja < jb))
 
-    TOPN rounds of max-and-remove: valid keys are unique (the block id is in them), so each round removes
-    exactly the element it emits.
+
+@triton.jit
+def _merge_top(run_v, run_j, new_v, new_j):
+    """Top RN of running ∪ tile per row, sorted descending (running [BT, RN] is sorted descending).
+
+    Ranks instead of rounds: a running entry's rank in the union is its slot plus the tile entries that
+    beat it; a tile entry's is the running entries it does not beat (ids are distinct, so exactly one of
+    a, b beats the other) plus the tile entries that beat it. Slot s takes the entry of rank s. All
+    comparisons are 32-bit and independent: no serial max-and-remove rounds.
     """
-    slots = tl.arange(0, running.shape[1])[None, :]
-    top = tl.full(running.shape, -1, tl.int64)
+    RN: tl.constexpr = run_v.shape[1]
+    x = _beats(new_v[:, :, None], new_j[:, :, None], run_v[:, None, :], run_j[:, None, :]).to(tl.int32)
+    y = _beats(new_v[:, :, None], new_j[:, :, None], new_v[:, None, :], new_j[:, None, :]).to(tl.int32)
+    rank_run = tl.arange(0, RN)[None, :] + tl.sum(x, 1)
+    rank_new = RN - tl.sum(x, 2) + tl.sum(y, 1)
+    slots = tl.arange(0, RN)[None, None, :]
+    hit_r = rank_run[:, :, None] == slots
+    hit_n = rank_new[:, :, None] == slots
+    out_v = tl.sum(tl.where(hit_r, run_v[:, :, None], 0.0), 1) + tl.sum(
+        tl.where(hit_n, new_v[:, :, None], 0.0), 1
+    )
+    out_j = tl.sum(tl.where(hit_r, run_j[:, :, None], 0), 1) + tl.sum(
+        tl.where(hit_n, new_j[:, :, None], 0), 1
+    )
+    return out_v, out_j
+
+
+@triton.jit
+def _merge_rounds(run_v, run_j, new_v, new_j, TOPN: tl.constexpr):
+    """The TOPN best of running ∪ tile per row by TOPN rounds of max-and-remove on int64 keys (importance
+    bits high, 0x7fffffff − j low; −1 for non-candidates), descending, (−1.0, 0) padded. Cheaper than the
+    rank merge when a program holds many positions (its pairwise tensors grow with BT·RN·RN)."""
+    run = tl.where(
+        run_v >= 0, (run_v.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0x7FFFFFFF - run_j), -1
+    )
+    key = tl.where(
+        new_v >= 0, (new_v.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0x7FFFFFFF - new_j), -1
+    )
+    slots = tl.arange(0, run.shape[1])[None, :]
+    top = tl.full(run.shape, -1, tl.int64)
     gone = -(2**62)
     for s in tl.static_range(TOPN):
-        best = tl.maximum(tl.max(running, 1), tl.max(key, 1))
+        best = tl.maximum(tl.max(run, 1), tl.max(key, 1))
         top = tl.where(slots == s, best[:, None], top)
-        running = tl.where(running == best[:, None], gone, running)
+        run = tl.where(run == best[:, None], gone, run)
         key = tl.where(key == best[:, None], gone, key)
-    return tl.where(top < 0, -1, top)
+    ok = top >= 0
+    out_v = tl.where(ok, (top >> 32).to(tl.int32).to(tl.float32, bitcast=True), -1.0)
+    out_j = tl.where(ok, 0x7FFFFFFF - (top & 0x7FFFFFFF).to(tl.int32), 0)
+    return out_v, out_j
 
 
 @triton.jit
@@ -71,7 +112,7 @@ def select_kernel(
     GROUP: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
     CSTRIDE: tl.constexpr, CSPAN: tl.constexpr, SEL: tl.constexpr, TOPN: tl.constexpr,
     RATIO: tl.constexpr, RP: tl.constexpr, QC: tl.constexpr, SPILL: tl.constexpr,
-    BJ: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr,
+    BJ: tl.constexpr, RN: tl.constexpr, RANK_MERGE: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr,
 ):  # fmt: skip
     """IDX[t, h, :TOPN] for BT positions: selected block ids, ascending, −1 padded.
 
@@ -113,8 +154,9 @@ def select_kernel(
     col_u = cols % RP
     u = tl.arange(0, RP)
     jj = tl.arange(0, BJ)
-    running = tl.full([BT, BJ], -1, tl.int64)
-    slot = tl.arange(0, BJ)[None, :]
+    run_v = tl.full([BT, RN], -2.0, tl.float32)
+    run_j = 0x7FFFFFF0 - RN + tl.zeros([BT, RN], tl.int32) + tl.arange(0, RN)[None, :]
+    slot = tl.arange(0, RN)[None, :]
     carry = tl.zeros([BT, BJ], tl.float32)
     kc_base = KC + h * sk_h
     for j0 in range(0, nb_hi, BJ):
@@ -137,17 +179,19 @@ def select_kernel(
             inside, spill = _shift_blocks(c_s, s, BJ)
             imp += inside
             carry += spill
-        j = j0 + jj[None, :]
+        j = j0 + jj[None, :] + tl.zeros([BT, BJ], tl.int32)
         cand = (j <= cur[:, None]) & (tt[:, None] < T)
         forced = (j == 0) | (j == cur[:, None]) | (j == cur[:, None] - 1)
-        bits = tl.where(forced, 0x7F800000, imp.to(tl.int32, bitcast=True)).to(tl.int64)
-        key = tl.where(cand, (bits << 32) | (0x7FFFFFFF - j).to(tl.int64), -1)
-        kth = tl.sum(tl.where(slot == TOPN - 1, running, 0), 1)
-        if tl.max(tl.max(key, 1) - kth) > 0:
-            running = _merge_top(running, key, TOPN)
-    chosen = tl.where(running >= 0, 0x7FFFFFFF - (running & 0x7FFFFFFF), -1).to(tl.int32)
+        val = tl.where(cand, tl.where(forced, float("inf"), imp), -1.0)
+        kth_v = tl.sum(tl.where(slot == TOPN - 1, run_v, 0.0), 1)
+        kth_j = tl.sum(tl.where(slot == TOPN - 1, run_j, 0), 1)
+        if tl.max(_beats(val, j, kth_v[:, None], kth_j[:, None]).to(tl.int32)) > 0:
+            if RANK_MERGE:
+                run_v, run_j = _merge_top(run_v, run_j, val, j)
+            else:
+                run_v, run_j = _merge_rounds(run_v, run_j, val, j, TOPN)
     big = 0x7FFFFFF0
-    chosen = tl.where((chosen >= 0) & (slot < TOPN), chosen, big + slot)
+    chosen = tl.where((run_v >= 0) & (slot < TOPN), run_j, big + slot)
     chosen = _sort_ascending(chosen)
     chosen = tl.where(chosen >= big, -1, chosen)
     out_tok = (q_start + tt).to(tl.int64)
@@ -168,8 +212,9 @@ def select_launch(q, k_cmp, lse_cmp, indices, cu_q, cu_k, max_len, params):
     ratio = params.block_size // params.compress_stride
     qc = params.compress_block // params.compress_stride
     spill = (ratio + qc - 2) // ratio
-    bj = max(16, triton.next_power_of_2(params.top_n), triton.next_power_of_2(spill + 1))
-    rows = 128 if q.device.type == "cuda" else 16
+    bj = max(16, triton.next_power_of_2(spill + 1))
+    rn = max(16, triton.next_power_of_2(params.top_n))
+    rows = int(os.environ.get("NSA_SEL_ROWS", 128)) if q.device.type == "cuda" else 16
     bt = max(1, rows // gp)
     if bt * gp < 16:
         bt = 16 // gp
@@ -182,6 +227,6 @@ def select_launch(q, k_cmp, lse_cmp, indices, cu_q, cu_k, max_len, params):
         params.scale * LOG2E,
         GROUP=group, GP=gp, BT=bt, CSTRIDE=params.compress_stride, CSPAN=params.compress_block,
         SEL=params.block_size, TOPN=params.top_n, RATIO=ratio, RP=triton.next_power_of_2(ratio),
-        QC=qc, SPILL=spill, BJ=bj, DK=dk, BDK=max(16, triton.next_power_of_2(dk)),
+        QC=qc, SPILL=spill, BJ=bj, RN=rn, RANK_MERGE=bt <= 8, DK=dk, BDK=max(16, triton.next_power_of_2(dk)),
         num_warps=warps, num_stages=2 if q.device.type == "cuda" else 1,
     )  # fmt: skip
