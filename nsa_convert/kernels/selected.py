@@ -277,7 +277,7 @@ def _gather_consts(q, k, v, params):
     return dict(
         GROUP=group, BH=_pow2(group), SEL=params.block_size, BS=_pow2(params.block_size),
         TOPN=params.top_n, DK=q.shape[2], DV=v.shape[2], BDK=_pow2(q.shape[2]), BDV=_pow2(v.shape[2]),
-        num_warps=4, num_stages=int(os.environ.get("NSA_SLC_STAGES", 2)) if gpu else 1,
+        num_warps=4, num_stages=2 if gpu else 1,
     )  # fmt: skip
 
 
