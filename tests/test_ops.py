@@ -231,6 +231,10 @@ def test_reference_backend_matches_reference_module(rng):
         assert torch.equal(actual, want)
 
 
+def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected.double()).norm() / expected.double().norm())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_auto_backend_on_cuda_matches_reference(rng, dtype):
@@ -250,8 +254,8 @@ def test_auto_backend_on_cuda_matches_reference(rng, dtype):
         results[backend] = (out.float(), indices, [x.grad.float() for x in leaves.values()])
     (out, indices, grads), (ref_out, ref_indices, ref_grads) = results["auto"], results["reference"]
     assert (indices == ref_indices).float().mean() > 0.99
-    tolerance = 2e-3 if dtype == torch.float32 else 5e-2
-    torch.testing.assert_close(out, ref_out, rtol=tolerance, atol=tolerance)
+    # The criterion: relative error (in norm) ≤ 1e-2. float32 goes through TF32 in tl.dot.
+    assert _relative(out, ref_out) <= 1e-2
     if torch.equal(indices, ref_indices):
         for grad, ref_grad, name in zip(grads, ref_grads, NAMES, strict=True):
-            torch.testing.assert_close(grad, ref_grad, rtol=tolerance, atol=tolerance, msg=name)
+            assert _relative(grad, ref_grad) <= 1e-2, name
