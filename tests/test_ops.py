@@ -254,8 +254,10 @@ def test_auto_backend_on_cuda_matches_reference(rng, dtype):
         results[backend] = (out.float(), indices, [x.grad.float() for x in leaves.values()])
     (out, indices, grads), (ref_out, ref_indices, ref_grads) = results["auto"], results["reference"]
     assert (indices == ref_indices).float().mean() > 0.99
-    # The criterion: relative error (in norm) ≤ 1e-2. float32 goes through TF32 in tl.dot.
-    assert _relative(out, ref_out) <= 1e-2
-    if torch.equal(indices, ref_indices):
+    # The criterion: relative error (in norm) ≤ 1e-2 (float32 goes through TF32 in tl.dot); a
+    # bf16 near-tie may select another block for a few positions, which moves the output a little more.
+    same_selection = torch.equal(indices, ref_indices)
+    assert _relative(out, ref_out) <= (1e-2 if same_selection else 3e-2)
+    if same_selection:
         for grad, ref_grad, name in zip(grads, ref_grads, NAMES, strict=True):
             assert _relative(grad, ref_grad) <= 1e-2, name
