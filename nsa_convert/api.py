@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from nsa_convert import __version__
 from nsa_convert.capture import Captured, capture, read_config
-from nsa_convert.checkpoint import CheckpointReader, ShardWriter, staged_output
+from nsa_convert.checkpoint import CheckpointReader, ShardWriter, TensorSpec, staged_output
 from nsa_convert.config import NSAConfig
 from nsa_convert.errors import CheckpointError, ConfigError, UnsupportedModelError
 from nsa_convert.nn.attention import NSAttention
@@ -205,6 +205,16 @@ def model_card(plan_: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _specs(plan_: Plan, reader: CheckpointReader, copies: dict[str, list[str]]) -> Iterator[TensorSpec]:
+    """What the conversion writes, in order: each source tensor (then its copies), then the new tensors."""
+    for name in reader.names():
+        info = reader.meta(name)
+        for written in (name, *copies.get(name, ())):
+            yield TensorSpec(written, info.shape, info.dtype)
+    for name, tensor in initial_nsa_tensors(plan_, reader):
+        yield TensorSpec.of(name, tensor)
+
+
 def convert(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -228,7 +238,7 @@ def convert(
     raw_config = json.loads((model_dir / "config.json").read_text())
     copied = added = 0
     with staged_output(out_dir, overwrite=overwrite, source=model_dir) as staging:
-        writer = ShardWriter(staging, max_shard_bytes=max_shard_bytes)
+        writer = ShardWriter(staging, _specs(plan_, reader, copies), max_shard_bytes=max_shard_bytes)
         total, done = reader.total_bytes, 0
         for name, tensor in reader.iter_tensors():
             writer.add(name, tensor)

@@ -15,11 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nsa_convert.checkpoint import CheckpointReader, ShardWriter, install_sigterm_as_interrupt, staged_output
-from nsa_convert.checkpoint import writer as writer_module
+from nsa_convert.checkpoint import (
+    CheckpointReader,
+    ShardWriter,
+    TensorSpec,
+    install_sigterm_as_interrupt,
+    staged_output,
+)
+from nsa_convert.checkpoint import staging as staging_module
 from nsa_convert.errors import CheckpointError, OutputError
 
 DTYPES = [
@@ -75,6 +80,14 @@ def raw_safetensors(header: dict | bytes, data: bytes = b"", length: int | None 
     return struct.pack("<Q", len(body) if length is None else length) + body + data
 
 
+def write_all(out: Path, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
+    """Declare the tensors to a ShardWriter, add them in that order and finalize."""
+    writer = ShardWriter(out, [TensorSpec.of(n, t) for n, t in tensors.items()], **kwargs)
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    return writer.finalize()
+
+
 def reader_error(model_dir: Path, **kwargs) -> str:
     with pytest.raises(CheckpointError) as info:
         CheckpointReader(model_dir, **kwargs)
@@ -103,7 +116,8 @@ def test_round_trip_through_writer_keeps_every_tensor_and_writes_a_verifiable_in
     out.mkdir()
     shard_limit = reader.total_bytes // 3
     reported = []
-    writer = ShardWriter(out, max_shard_bytes=shard_limit, on_shard=lambda p, n: reported.append(n))
+    specs = [TensorSpec(n, reader.meta(n).shape, reader.meta(n).dtype) for n in reader.names()]
+    writer = ShardWriter(out, specs, max_shard_bytes=shard_limit, on_shard=lambda p, n: reported.append(n))
     for name, tensor in reader.iter_tensors():
         writer.add(name, tensor)
     index = writer.finalize({"source": "test"})
@@ -133,43 +147,67 @@ def test_round_trip_through_writer_keeps_every_tensor_and_writes_a_verifiable_in
 
 
 def test_single_shard_is_named_model_safetensors_and_still_gets_an_index(tmp_path, rng):
-    writer = ShardWriter(tmp_path)
-    writer.add("a", random_tensor((3, 5), torch.bfloat16, rng))
-    index = writer.finalize()
+    index = write_all(tmp_path, {"a": random_tensor((3, 5), torch.bfloat16, rng)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "model.safetensors.index.json"]
     assert index["weight_map"] == {"a": "model.safetensors"}
     assert load_file(tmp_path / "model.safetensors", device="cpu")["a"].dtype == torch.bfloat16
     assert CheckpointReader(tmp_path).names() == ["a"]
 
 
-def test_writer_clones_tensors_that_share_storage_and_packs_views(tmp_path, rng):
+def test_no_tensors_still_make_a_loadable_checkpoint(tmp_path):
+    index = write_all(tmp_path, {})
+    assert index["weight_map"] == {} and index["metadata"]["total_size"] == 0
+    assert load_file(tmp_path / "model.safetensors") == {}
+
+
+def test_writer_writes_views_shared_storage_and_empty_tensors(tmp_path, rng):
     base = random_tensor((4, 6), torch.float32, rng)
-    writer = ShardWriter(tmp_path)
-    writer.add("tied.a", base)
-    writer.add("tied.b", base)  # the same tensor under a second name, as tied embeddings are
-    writer.add("row", base[1])  # overlaps the bytes of tied.a
-    writer.add("transposed", base.t())  # not contiguous
-    writer.finalize()
+    tensors = {
+        "tied.a": base,
+        "tied.b": base,  # the same tensor under a second name, as tied embeddings are
+        "row": base[1],  # overlaps the bytes of tied.a
+        "transposed": base.t(),  # not contiguous
+        "empty": torch.empty(0, 3, dtype=torch.float16),
+        "scalar": torch.tensor(7, dtype=torch.int64),
+    }
+    write_all(tmp_path, tensors)
     loaded = load_file(tmp_path / "model.safetensors")
-    assert same(loaded["tied.a"], base) and same(loaded["tied.b"], base)
-    assert same(loaded["row"], base[1]) and same(loaded["transposed"], base.t().contiguous())
+    assert loaded.keys() == tensors.keys()
+    assert all(same(loaded[name], tensor.contiguous()) for name, tensor in tensors.items())
+    reader = CheckpointReader(tmp_path)
+    assert all(same(reader.get(name), tensor.contiguous()) for name, tensor in tensors.items())
 
 
-def test_writer_refuses_duplicates_and_reserved_metadata(tmp_path, rng):
-    writer = ShardWriter(tmp_path)
-    writer.add("a", random_tensor((2,), torch.float32, rng))
-    with pytest.raises(ValueError, match="already added"):
-        writer.add("a", random_tensor((2,), torch.float32, rng))
+def test_writer_holds_the_caller_to_its_declaration(tmp_path, rng):
+    a, b = random_tensor((2,), torch.float32, rng), random_tensor((3,), torch.float32, rng)
+    with pytest.raises(ValueError, match="declared twice"):
+        ShardWriter(tmp_path, [TensorSpec.of("a", a), TensorSpec.of("a", a)])
+    writer = ShardWriter(tmp_path, [TensorSpec.of("a", a), TensorSpec.of("b", b)])
+    with pytest.raises(ValueError, match="expected tensor 'a' next, got 'b'"):
+        writer.add("b", b)
+    with pytest.raises(ValueError, match=r"declared torch\.float32"):
+        writer.add("a", a.double())
+    writer.add("a", a)
+    with pytest.raises(ValueError, match="'b' is next"):
+        writer.finalize()
+    writer.add("b", b)
+    with pytest.raises(ValueError, match="not declared"):
+        writer.add("c", b)
     with pytest.raises(ValueError, match="total_size"):
         writer.finalize({"total_size": 1})
+    assert writer.finalize()["weight_map"] == {"a": "model.safetensors", "b": "model.safetensors"}
 
 
 def test_writer_gives_an_oversized_tensor_its_own_shard(tmp_path, rng):
-    writer = ShardWriter(tmp_path, max_shard_bytes=64)
-    writer.add("small", random_tensor((4,), torch.float32, rng))
-    writer.add("big", random_tensor((100,), torch.float32, rng))
-    writer.add("small2", random_tensor((4,), torch.float32, rng))
-    index = writer.finalize()
+    index = write_all(
+        tmp_path,
+        {
+            "small": random_tensor((4,), torch.float32, rng),
+            "big": random_tensor((100,), torch.float32, rng),
+            "small2": random_tensor((4,), torch.float32, rng),
+        },
+        max_shard_bytes=64,
+    )
     assert index["weight_map"] == {
         "big": "model-00002-of-00003.safetensors",
         "small": "model-00001-of-00003.safetensors",
@@ -177,34 +215,37 @@ def test_writer_gives_an_oversized_tensor_its_own_shard(tmp_path, rng):
     }
 
 
-def test_writer_frees_a_shard_once_it_is_written(tmp_path, rng):
-    """The writer's own memory is bounded by one shard: the data of a written shard is released.
+def test_writer_keeps_no_tensor_it_was_given(tmp_path, rng):
+    """Streaming: a tensor's bytes are written (or copied into the file's small buffer) when `add` returns.
 
     The tensor's memory belongs to a numpy array, so a weak reference to the array shows when the last
-    tensor using that memory is gone (the writer keeps its own detached tensor objects, not the caller's).
+    tensor using that memory is gone.
     """
-    writer = ShardWriter(tmp_path, max_shard_bytes=16 * 4)
-    memory = random_tensor((16,), torch.float32, rng).numpy().copy()
+    tensors = {
+        "first": random_tensor((16,), torch.float32, rng),
+        "second": random_tensor((4,), torch.int64, rng),
+    }
+    writer = ShardWriter(tmp_path, [TensorSpec.of(n, t) for n, t in tensors.items()])
+    memory = tensors["first"].numpy().copy()
     alive = weakref.ref(memory)
     writer.add("first", torch.from_numpy(memory))
     del memory
-    assert alive() is not None  # queued, not written yet
-    writer.add("second", random_tensor((16,), torch.float32, rng))  # does not fit: the first shard is written
     assert alive() is None
+    writer.add("second", tensors["second"])
     writer.finalize()
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert all(same(loaded[name], tensor) for name, tensor in tensors.items())
 
 
-def test_safetensors_io_failures_come_back_as_oserror_with_errno(tmp_path, rng):
-    """save_file reports I/O failures as SafetensorError; the writer recovers the errno from it."""
+def test_writer_io_failures_are_oserror_with_errno(tmp_path, rng):
     out = tmp_path / "gone"
     out.mkdir()
-    writer = ShardWriter(out)
-    writer.add("a", random_tensor((2,), torch.float32, rng))
+    tensor = random_tensor((2,), torch.float32, rng)
+    writer = ShardWriter(out, [TensorSpec.of("a", tensor)])
     out.rmdir()
     with pytest.raises(OSError) as info:
-        writer.finalize()
+        writer.add("a", tensor)
     assert info.value.errno == errno.ENOENT
-    assert isinstance(info.value.__cause__, SafetensorError)
 
 
 # -- reader: iteration and fingerprint ---------------------------------------------------------------------
@@ -254,6 +295,24 @@ def test_hugging_face_cache_links_into_blobs_are_allowed(tmp_path, rng):
     save_file({"w": tensor}, repo / "blobs" / "deadbeef")
     (snapshot / "model.safetensors").symlink_to("../../blobs/deadbeef")
     assert same(CheckpointReader(snapshot).get("w"), tensor)
+
+
+def test_local_files_may_link_within_the_directory_or_its_cache_blobs_only(tmp_path, rng):
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    save_file({"w": random_tensor((4,), torch.float32, rng)}, snapshot / "model.safetensors")
+    (repo / "blobs" / "cafe").write_text("{}")
+    (snapshot / "tokenizer.json").symlink_to("../../blobs/cafe")
+    (tmp_path / "secret").write_text("secret")
+    (snapshot / "vocab.txt").symlink_to(tmp_path / "secret")
+    reader = CheckpointReader(snapshot)
+    assert reader.local_file("tokenizer.json") == snapshot / "tokenizer.json"
+    assert reader.local_file("merges.txt") is None
+    with pytest.raises(CheckpointError, match="outside the model directory") as info:
+        reader.local_file("vocab.txt")
+    assert info.value.path == snapshot / "vocab.txt"
 
 
 # -- reader: rejections ------------------------------------------------------------------------------------
@@ -419,9 +478,7 @@ def test_staged_output_appears_only_on_success(tmp_path, rng):
     with staged_output(target) as staging:
         assert staging.parent == tmp_path and staging.name.startswith(".out.nsa-tmp-")
         assert not target.exists()
-        writer = ShardWriter(staging)
-        writer.add("a", random_tensor((3,), torch.float32, rng))
-        writer.finalize()
+        write_all(staging, {"a": random_tensor((3,), torch.float32, rng)})
     assert sorted(p.name for p in target.iterdir()) == ["model.safetensors", "model.safetensors.index.json"]
     assert leftovers(tmp_path) == []
 
@@ -471,40 +528,48 @@ def test_staged_output_refuses_a_missing_parent(tmp_path):
         pass
 
 
-def test_disk_full_becomes_output_error_and_leaves_nothing(tmp_path, rng, monkeypatch):
+class FillingDisk:
+    """Opens shard files on a disk that fills after `room` bytes: writes past it fail with ENOSPC."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+
+    def open(self, path: Path) -> FillingDisk.File:
+        return FillingDisk.File(self, path.open("xb"))
+
+    class File:
+        def __init__(self, disk: FillingDisk, file) -> None:
+            self.disk, self.file = disk, file
+
+        def write(self, data) -> int:
+            data = memoryview(data).cast("B")
+            if len(data) > self.disk.room:
+                self.file.write(data[: self.disk.room])
+                self.disk.room = 0
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.disk.room -= len(data)
+            return self.file.write(data)
+
+        def close(self) -> None:
+            self.file.close()
+
+
+@pytest.mark.parametrize("room", [0, 100, 5000])  # in the header, in the first tensor, in the second shard
+def test_disk_full_becomes_output_error_and_leaves_nothing(tmp_path, rng, monkeypatch, room):
     target = tmp_path / "out"
     target.mkdir()
     (target / "old.txt").write_text("old")
-
-    def full_disk(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
-
-    monkeypatch.setattr(writer_module, "save_file", full_disk)
+    tensors = {f"t{i}": random_tensor((1000,), torch.float32, rng) for i in range(3)}
+    disk = FillingDisk(room)
+    monkeypatch.setattr(ShardWriter, "_open_file", lambda self, path: disk.open(path))
     with (
         pytest.raises(OutputError, match="disk full while writing") as info,
         staged_output(target, overwrite=True) as staging,
     ):
-        writer = ShardWriter(staging)
-        writer.add("a", random_tensor((3,), torch.float32, rng))
-        writer.finalize()
+        write_all(staging, tensors, max_shard_bytes=4000)
     assert info.value.exit_code == 6 and info.value.path == target
     assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
     assert leftovers(tmp_path) == []
-
-
-def test_disk_full_reported_by_safetensors_is_recognised(tmp_path, rng, monkeypatch):
-    """What save_file raises on a real full disk: a SafetensorError carrying the errno in its text."""
-
-    def full_disk(tensors, filename, metadata=None):
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-
-    monkeypatch.setattr(writer_module, "save_file", full_disk)
-    with pytest.raises(OutputError, match="disk full"), staged_output(tmp_path / "out") as staging:
-        writer = ShardWriter(staging)
-        writer.add("a", random_tensor((3,), torch.float32, rng))
-        writer.finalize()
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_sigterm_becomes_keyboard_interrupt_and_cleans_up(tmp_path):
@@ -519,3 +584,22 @@ def test_sigterm_becomes_keyboard_interrupt_and_cleans_up(tmp_path):
         time.sleep(5)  # the handler raises at once; without it the test fails on a missing KeyboardInterrupt
     assert signal.getsignal(signal.SIGTERM) == previous
     assert list(tmp_path.iterdir()) == []
+
+
+def test_signals_during_the_final_swap_are_ignored(tmp_path, monkeypatch):
+    """Once the new output is complete, a Ctrl-C or SIGTERM cannot cut the swap with the old one short."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    publish = staging_module._publish
+
+    def interrupted_publish(staging: Path, target: Path) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        publish(staging, target)
+
+    monkeypatch.setattr(staging_module, "_publish", interrupted_publish)
+    with install_sigterm_as_interrupt(), staged_output(target, overwrite=True) as staging:
+        (staging / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert leftovers(tmp_path) == []

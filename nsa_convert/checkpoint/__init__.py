@@ -1,14 +1,16 @@
 """Checkpoint I/O that never holds a whole model: a lazy reader, a shard-by-shard writer, staged output."""
 
 from nsa_convert.checkpoint.reader import SAFETENSORS_DTYPES, CheckpointReader, TensorInfo
-from nsa_convert.checkpoint.staging import install_sigterm_as_interrupt, staged_output
-from nsa_convert.checkpoint.writer import ShardWriter
+from nsa_convert.checkpoint.staging import check_output, install_sigterm_as_interrupt, staged_output
+from nsa_convert.checkpoint.writer import ShardWriter, TensorSpec
 
 __all__ = [
     "SAFETENSORS_DTYPES",
     "CheckpointReader",
     "ShardWriter",
     "TensorInfo",
+    "TensorSpec",
+    "check_output",
     "install_sigterm_as_interrupt",
     "staged_output",
 ]

@@ -2,7 +2,9 @@
 
 Everything a conversion needs to decide (names, shapes, dtypes, sizes) comes from the safetensors headers,
 parsed here by hand so that a hostile or damaged file is refused with a clear message before any tensor is
-touched.  Tensor data is read only on `get` / `iter_tensors`, one tensor at a time.
+touched.  Tensor data is read only on `get` / `iter_tensors`, one tensor at a time, with plain reads into
+the tensor's own memory at the offsets the header gives: nothing is memory-mapped, so the process holds
+exactly the tensors its caller keeps alive (a mapped shard would count its touched pages as resident).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from nsa_convert.errors import CheckpointError
 
@@ -64,6 +65,7 @@ class _Shard:
     header: bytes  # the 8 length bytes and the JSON header, as on disk (for the fingerprint)
     names: tuple[str, ...]  # in data-offset order, so iteration reads the file front to back
     metadata: dict[str, str]
+    offsets: dict[str, int]  # tensor name → where its data begins in the file (safetensors only)
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -81,19 +83,24 @@ def _is_int(value: Any) -> bool:
 
 def _parse_header(path: Path, relative: str) -> tuple[_Shard, dict[str, TensorInfo]]:
     """Read and check a safetensors header without touching the tensor data."""
-    size = path.stat().st_size
-    if size < 8:
-        raise CheckpointError(
-            f"not a safetensors file: only {size} bytes, shorter than the 8-byte header length", path
-        )
-    with path.open("rb") as file:
-        prefix = file.read(8)
-        (length,) = struct.unpack("<Q", prefix)
-        if length > MAX_HEADER_BYTES:
-            raise CheckpointError(f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit", path)
-        if 8 + length > size:
-            raise CheckpointError(f"header length {length} is larger than the file ({size} bytes)", path)
-        raw = file.read(length)
+    try:
+        with path.open("rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            if size < 8:
+                raise CheckpointError(
+                    f"not a safetensors file: only {size} bytes, shorter than the 8-byte header length", path
+                )
+            prefix = file.read(8)
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit", path
+                )
+            if 8 + length > size:
+                raise CheckpointError(f"header length {length} is larger than the file ({size} bytes)", path)
+            raw = file.read(length)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read: {exc.strerror or exc}", path) from None
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -146,7 +153,31 @@ def _parse_header(path: Path, relative: str) -> tuple[_Shard, dict[str, TensorIn
         raise CheckpointError(f"{data_bytes - position} unexpected bytes follow the last tensor", path)
 
     names = tuple(name for _, _, name in spans)
-    return _Shard(path, relative, size, prefix + raw, names, metadata), infos
+    offsets = {name: 8 + length + begin for begin, _, name in spans}
+    return _Shard(path, relative, size, prefix + raw, names, metadata, offsets), infos
+
+
+def _read_tensor(file: Any, info: TensorInfo, offset: int) -> torch.Tensor:
+    """The tensor at `offset` of an open safetensors file, read straight into a new CPU tensor.
+
+    safetensors data is little-endian, as is every host torch supports.
+    """
+    tensor = torch.empty(info.shape, dtype=info.dtype)
+    if info.nbytes == 0:
+        return tensor
+    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    file.seek(offset)
+    done = 0
+    while done < info.nbytes:
+        count = file.readinto(view[done:])
+        if not count:
+            raise CheckpointError(
+                f"file is truncated: tensor '{info.name}' ends at byte {offset + info.nbytes}, the file at "
+                f"{offset + done} (was it changed during the conversion?)",
+                info.shard,
+            )
+        done += count
+    return tensor
 
 
 class CheckpointReader:
@@ -190,6 +221,22 @@ class CheckpointReader:
             roots.append(blobs)
         return roots
 
+    def _inside(self, path: Path) -> bool:
+        resolved = path.resolve()
+        return any(resolved.is_relative_to(root) for root in self._roots)
+
+    def local_file(self, name: str) -> Path | None:
+        """A file directly in the model directory (e.g. `tokenizer.json`), None if absent.
+
+        Like a shard, it may be a link only within the directory (or into a Hugging Face cache's blobs).
+        """
+        path = self.model_dir / name
+        if PurePosixPath(name).name != name or not os.path.lexists(path):
+            return None
+        if not self._inside(path):
+            raise CheckpointError(f"is a link to {path.resolve()}, outside the model directory", path)
+        return path if path.is_file() else None
+
     def _shard_path(self, relative: Any, origin: Path) -> Path:
         """A shard name as a path, refused if it could reach outside the model directory."""
         if not isinstance(relative, str) or not relative:
@@ -202,12 +249,11 @@ class CheckpointReader:
         path = self.model_dir / relative
         if not path.exists():
             raise CheckpointError(f"shard '{relative}' does not exist", origin)
-        resolved = path.resolve()
-        if not any(resolved.is_relative_to(root) for root in self._roots):
+        if not self._inside(path):
             raise CheckpointError(
-                f"shard '{relative}' is a link to {resolved}, outside the model directory", origin
+                f"shard '{relative}' is a link to {path.resolve()}, outside the model directory", origin
             )
-        if not resolved.is_file():
+        if not path.resolve().is_file():
             raise CheckpointError(f"shard '{relative}' is not a regular file", origin)
         return path
 
@@ -285,7 +331,7 @@ class CheckpointReader:
                 self._infos[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype, path, nbytes)
                 names.append(name)
             header = json.dumps(directory).encode()
-            self._shards.append(_Shard(path, relative, path.stat().st_size, header, tuple(names), {}))
+            self._shards.append(_Shard(path, relative, path.stat().st_size, header, tuple(names), {}, {}))
 
     @staticmethod
     def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
@@ -336,8 +382,9 @@ class CheckpointReader:
         info = self.meta(name)
         if self._pickle:
             return self._load_pickle(info.shard)[name]
-        with safe_open(os.fspath(info.shard), framework="pt") as file:
-            return file.get_tensor(name)
+        shard = next(shard for shard in self._shards if shard.path == info.shard)
+        with self._open(shard) as file:
+            return _read_tensor(file, info, shard.offsets[name])
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor, shard after shard, each shard opened once and read front to back.
@@ -350,9 +397,19 @@ class CheckpointReader:
                 for name in shard.names:
                     yield name, state.pop(name)
                 continue
-            with safe_open(os.fspath(shard.path), framework="pt") as file:
+            with self._open(shard) as file:
                 for name in shard.names:
-                    yield name, file.get_tensor(name)
+                    yield name, _read_tensor(file, self._infos[name], shard.offsets[name])
+
+    @staticmethod
+    def _open(shard: _Shard) -> Any:
+        try:
+            file = shard.path.open("rb", buffering=0)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read: {exc.strerror or exc}", shard.path) from None
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        return file
 
     def fingerprint(self) -> str:
         """A sha256 that changes when the weights' layout changes, computed from headers only (no full read).

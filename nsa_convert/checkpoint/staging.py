@@ -29,6 +29,11 @@ def _inside(path: Path, ancestor: Path) -> bool:
     return path == ancestor or ancestor in path.parents
 
 
+def check_output(target: Path, *, overwrite: bool = False, source: Path | None = None) -> None:
+    """Raise OutputError now if `staged_output(target, ...)` would refuse it (to fail before any work)."""
+    _check_target(_absolute(Path(target)), overwrite, source)
+
+
 def _check_target(target: Path, overwrite: bool, source: Path | None) -> None:
     if not target.name:
         raise OutputError("is not a usable output directory", target)
@@ -78,7 +83,6 @@ def _remove(path: Path) -> None:
 
 def _publish(staging: Path, target: Path) -> None:
     """Rename the finished directory into place; an existing target is moved aside first and deleted last."""
-    _fsync_tree(staging)
     if not os.path.lexists(target):
         os.rename(staging, target)
     else:
@@ -101,6 +105,8 @@ def staged_output(target: Path, *, overwrite: bool = False, source: Path | None 
     `target` exists (without `overwrite`), lies inside `source` or contains it, or its parent is missing or
     read-only.  A full disk (ENOSPC, EDQUOT) is reported as OutputError; every other exception, Ctrl-C
     included, passes through unchanged.  An existing target is untouched unless the new one is complete.
+    Once the new directory is complete and flushed, SIGINT and SIGTERM are ignored while it takes the
+    target's place and the old one is deleted: the few renames are never cut in the middle.
     """
     target = _absolute(Path(target))
     _check_target(target, overwrite, source)
@@ -110,14 +116,40 @@ def staged_output(target: Path, *, overwrite: bool = False, source: Path | None 
         raise OutputError(f"cannot create a directory beside it: {exc.strerror}", target) from exc
     try:
         yield staging
-        _publish(staging, target)
+        _fsync_tree(staging)
     except BaseException as exc:
-        _remove(staging)
-        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-            raise OutputError(
-                f"disk full while writing ({exc.strerror}); nothing was written", target
-            ) from exc
+        _discard(staging, target, exc)
         raise
+    # The output is complete: a signal now would leave the old target set aside (or half deleted) beside
+    # the new one, so the swap runs with signals ignored and the conversion then ends normally.
+    with _signals_held():
+        try:
+            _publish(staging, target)
+        except BaseException as exc:
+            _discard(staging, target, exc)
+            raise
+
+
+def _discard(staging: Path, target: Path, exc: BaseException) -> None:
+    """Remove the staging directory (a second Ctrl-C does not cut that short); a full disk is OutputError."""
+    with _signals_held():
+        _remove(staging)
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        raise OutputError(f"disk full while writing ({exc.strerror}); nothing was written", target) from exc
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ignore SIGINT and SIGTERM while the block runs (main thread only: elsewhere signals are not set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 @contextmanager

@@ -1,130 +1,208 @@
-"""Write tensors into hub-style safetensors shards, holding at most one shard's worth in memory.
+"""Write tensors into hub-style safetensors shards, streaming: the writer holds no tensor data at all.
 
-Shards are written under temporary names as they fill, and named `model-0000i-of-0000n.safetensors` only at
-`finalize`, once their count is known; the index records every shard's sha256 so a copy can be verified.
+The caller declares up front every tensor it will write (name, shape, dtype, in order) — a conversion
+knows them all from the source headers before reading any data.  That fixes each shard's members and each
+tensor's byte offsets, so a shard's header is written as soon as its first tensor arrives and every tensor
+is appended to the file (and to the shard's sha256) the moment it is added: memory stays at the one tensor
+the caller holds, whatever the shard size.  Shards are written under temporary names and named
+`model-0000i-of-0000n.safetensors` at `finalize`; the index records every shard's sha256.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
-import re
-from collections.abc import Callable
+import math
+import struct
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 
-from nsa_convert.checkpoint.reader import INDEX_NAME, SINGLE_NAME
+from nsa_convert.checkpoint.reader import INDEX_NAME, SAFETENSORS_DTYPES, SINGLE_NAME
 
 ShardCallback = Callable[[Path, int], None]
-_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 _RESERVED_METADATA = ("total_size", "shard_sha256")
-_HASH_CHUNK = 1 << 20
+_PARALLEL_HASH_BYTES = 1 << 20
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
-def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """save_file, with its I/O failures turned back into OSError so that a full disk is recognised as such.
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor the writer is told to expect: what its header entry says."""
 
-    The safetensors library reports them as SafetensorError("... (os error 28) ..."); the errno is in the text.
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
+        return cls(name, tuple(tensor.shape), tensor.dtype)
+
+
+def _header(specs: list[TensorSpec]) -> bytes:
+    """The 8-byte length and the JSON header of a shard holding `specs` in that order (data 8-aligned)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": _DTYPE_NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the padding the safetensors library writes
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class _OpenShard:
+    """A shard being written: its file, positioned after the header, and the running sha256 of its bytes.
+
+    Large writes are hashed on a second thread while the first writes them (both release the GIL), so
+    the sha256 costs no time when the disk is the bottleneck; `write` returns when both are done.
     """
-    try:
-        save_file(tensors, os.fspath(path), metadata={"format": "pt"})
-    except SafetensorError as exc:
-        match = _OS_ERROR.search(str(exc))
-        if match is None:
-            raise
-        code = int(match.group(1))
-        raise OSError(code, os.strerror(code), os.fspath(path)) from exc
 
+    def __init__(self, path: Path, file: BinaryIO, header: bytes, hasher: ThreadPoolExecutor) -> None:
+        self.path = path
+        self.file = file
+        self.sha = hashlib.sha256()
+        self.hasher = hasher
+        self.write(header)
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    def write(self, data: Any) -> None:
+        if len(data) < _PARALLEL_HASH_BYTES:
+            self.file.write(data)
+            self.sha.update(data)
+            return
+        hashed = self.hasher.submit(self.sha.update, data)
+        try:
+            self.file.write(data)
+        finally:
+            hashed.result()
 
 
 class ShardWriter:
-    """Collects tensors into shards of at most `max_shard_bytes` (a larger tensor gets a shard to itself).
+    """Streams the declared tensors into shards of at most `max_shard_bytes` of data.
 
-    A tensor handed to `add` is kept by reference until its shard is written: do not modify it in place.
-    `on_shard(path, nbytes)` is called after each shard reaches the disk, with its temporary path.
+    `specs` lists every tensor that will be added, in the order it will be added; shards are filled in
+    that order (a tensor larger than the limit gets a shard to itself).  `add` writes the tensor's bytes at
+    once and keeps no reference to it.  `on_shard(path, nbytes)` is called when a shard is complete on
+    disk, with its temporary path.
     """
 
     def __init__(
-        self, out_dir: Path, *, max_shard_bytes: int = 5 * 2**30, on_shard: ShardCallback | None = None
+        self,
+        out_dir: Path,
+        specs: Iterable[TensorSpec],
+        *,
+        max_shard_bytes: int = 5 * 2**30,
+        on_shard: ShardCallback | None = None,
     ) -> None:
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
         self.out_dir = Path(out_dir)
-        self.max_shard_bytes = max_shard_bytes
         self.on_shard = on_shard
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._spans: dict[int, list[tuple[int, int]]] = {}  # storage address → byte spans queued from it
-        self._names: set[str] = set()
+        self._groups: list[list[TensorSpec]] = [[]]  # the members of each shard, in order
+        names: set[str] = set()
+        size = 0
+        for spec in specs:
+            if spec.name in names:
+                raise ValueError(f"tensor '{spec.name}' is declared twice")
+            if spec.dtype not in _DTYPE_NAMES:
+                raise ValueError(f"tensor '{spec.name}': safetensors cannot store {spec.dtype}")
+            names.add(spec.name)
+            if self._groups[-1] and size + spec.nbytes > max_shard_bytes:
+                self._groups.append([])
+                size = 0
+            self._groups[-1].append(spec)
+            size += spec.nbytes
+        self._total_size = sum(spec.nbytes for group in self._groups for spec in group)
+        self._position = (0, 0)  # (shard, member) of the next tensor
+        self._open: _OpenShard | None = None
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
         self._written: list[tuple[Path, list[str], str]] = []  # temporary path, tensor names, sha256
-        self._total_size = 0
         self._finalized = False
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue a tensor; writes the current shard first if this one would not fit in it."""
+        """Write the next declared tensor; its name, shape and dtype must be the declared ones."""
         if self._finalized:
             raise RuntimeError("ShardWriter.add after finalize")
-        if name in self._names:
-            raise ValueError(f"tensor '{name}' was already added")
-        tensor = tensor.detach().to("cpu").contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        if self._overlaps_buffer(tensor):
-            tensor = tensor.clone()
-        self._names.add(name)
-        self._buffer[name] = tensor
-        self._buffer_bytes += nbytes
-        self._total_size += nbytes
+        shard, member = self._position
+        if shard == len(self._groups) or not self._groups[shard]:
+            raise ValueError(f"tensor '{name}' was not declared (every declared tensor was added)")
+        spec = self._groups[shard][member]
+        if name != spec.name:
+            raise ValueError(f"expected tensor '{spec.name}' next, got '{name}'")
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(
+                f"tensor '{name}' is {tensor.dtype}{list(tensor.shape)}, "
+                f"declared {spec.dtype}{list(spec.shape)}"
+            )
+        try:
+            if self._open is None:
+                self._start_shard(shard)
+            if spec.nbytes:
+                data = tensor.detach().to("cpu").contiguous()
+                self._open.write(data.reshape(-1).view(torch.uint8).numpy().data)
+                del data
+            if member + 1 == len(self._groups[shard]):
+                self._finish_shard()
+                self._position = (shard + 1, 0)
+            else:
+                self._position = (shard, member + 1)
+        except BaseException:
+            self._abandon()
+            raise
 
-    def _overlaps_buffer(self, tensor: torch.Tensor) -> bool:
-        """Whether the tensor shares bytes with one already queued (safetensors refuses to save those).
+    def _open_file(self, path: Path) -> BinaryIO:
+        return path.open("xb")
 
-        Also records its byte span, so the check costs one lookup per tensor sharing its storage.
-        """
-        if tensor.numel() == 0:
-            return False
-        begin = tensor.data_ptr()
-        end = begin + tensor.numel() * tensor.element_size()
-        spans = self._spans.setdefault(tensor.untyped_storage().data_ptr(), [])
-        if any(begin < other_end and other_begin < end for other_begin, other_end in spans):
-            return True
-        spans.append((begin, end))
-        return False
+    def _start_shard(self, shard: int) -> None:
+        path = self.out_dir / f".shard-{shard + 1:05d}.safetensors.partial"
+        self._open = _OpenShard(path, self._open_file(path), _header(self._groups[shard]), self._hasher)
 
-    def _flush(self) -> None:
-        path = self.out_dir / f".shard-{len(self._written) + 1:05d}.safetensors.partial"
-        _save_shard(self._buffer, path)
-        self._written.append((path, list(self._buffer), _sha256(path)))
-        self._buffer = {}
-        self._buffer_bytes = 0
-        self._spans = {}
+    def _finish_shard(self) -> None:
+        done, self._open = self._open, None
+        done.file.close()
+        shard = len(self._written)
+        self._written.append((done.path, [spec.name for spec in self._groups[shard]], done.sha.hexdigest()))
         if self.on_shard is not None:
-            self.on_shard(path, path.stat().st_size)
+            self.on_shard(done.path, done.path.stat().st_size)
+
+    def _abandon(self) -> None:
+        """Close the shard being written after a failure (its file is the caller's to remove)."""
+        self._hasher.shutdown(wait=False)
+        if self._open is not None:
+            with contextlib.suppress(OSError):  # flushing a failed write fails again; the file closes anyway
+                self._open.file.close()
+            self._open = None
 
     def finalize(self, extra_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Write what is queued, give the shards their hub names and write the index; returns the index."""
+        """Give the shards their hub names and write the index; returns the index."""
         if self._finalized:
             raise RuntimeError("ShardWriter.finalize called twice")
         extra = dict(extra_metadata or {})
         clash = [key for key in _RESERVED_METADATA if key in extra]
         if clash:
             raise ValueError(f"extra_metadata may not set {', '.join(clash)}: the writer computes them")
-        if self._buffer or not self._written:
-            self._flush()
+        shard, member = self._position
+        if shard < len(self._groups) and self._groups[shard]:
+            missing = self._groups[shard][member].name
+            raise ValueError(f"not every declared tensor was added: '{missing}' is next")
+        if not self._written:  # nothing declared: one empty shard, as the safetensors library writes
+            self._start_shard(0)
+            self._finish_shard()
         self._finalized = True
+        self._hasher.shutdown()
 
         count = len(self._written)
         weight_map: dict[str, str] = {}
