@@ -445,6 +445,8 @@ def nsa_decode(
     params: SparsityParams,
     k_win: torch.Tensor | None = None,
     v_win: torch.Tensor | None = None,
+    *,
+    indices: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """NSA for the last n tokens of each sequence from a KV cache: the full-sequence o[t] at those positions.
 
@@ -456,6 +458,8 @@ def nsa_decode(
     k_cmp (B, Tcc, Hkv, Dk), v_cmp (B, Tcc, Hkv, Dv) hold each sequence's compressed blocks from index 0;
     entries past spec.num_compressed_blocks(L_b) are ignored.  Returns out (B, n, Hq, Dv) in q's dtype,
     lse (B, n, Hq, 3) float32 and indices (B, n, Hkv, top_n) int64, as nsa_forward does for those rows.
+    `indices`, when given, replaces the selection (to check a low-precision kernel for its own choice,
+    which may break near-ties differently).
     """
     n, num_kv_heads = q.shape[1], k.shape[2]
     grouped = _grouped(q, num_kv_heads)
@@ -466,7 +470,8 @@ def nsa_decode(
     block_end = torch.arange(k_cmp.shape[1], device=q.device) * stride + length - 1
     cmp_mask = (block_end <= positions[..., None])[:, None, None]
     num_blocks = num_selection_blocks(k.shape[1], block)
-    indices = _decode_select(grouped, k_cmp, cmp_mask, positions, num_blocks, params)
+    if indices is None:
+        indices = _decode_select(grouped, k_cmp, cmp_mask, positions, num_blocks, params)
 
     tokens = _local_positions(k.shape[1], lens)
     chosen = torch.zeros(*indices.shape[:-1], num_blocks + 2, dtype=torch.bool, device=q.device)

@@ -325,3 +325,129 @@ def test_cache_layer_batch_operations(rng):
     assert layer.get_seq_length() == 30 and layer.selection_kv()[0].shape[1] == 30
     layer.reset()
     assert layer.get_seq_length() == 0 and not layer.is_initialized
+
+
+def _importance(q, k_cmp, seq_lens, params):
+    """Float64 selection importance (B, n, Hkv, blocks) of decode queries, and each row's current block."""
+    batch, n, q_heads, _ = q.shape
+    kv_heads = k_cmp.shape[2]
+    t = seq_lens.long()[:, None] - n + torch.arange(n, device=q.device)
+    ci = torch.arange(k_cmp.shape[1], device=q.device)
+    visible = ci * params.compress_stride + params.compress_block - 1 <= t[..., None]
+    scores = torch.einsum(
+        "bnhd,bchd->bnhc", q.double(), k_cmp.double().repeat_interleave(q_heads // kv_heads, 2)
+    )
+    scores = (scores * params.scale).masked_fill(~visible[:, :, None], float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num()
+    p = p.view(batch, n, kv_heads, q_heads // kv_heads, -1).sum(3)
+    blocks = -(-int(seq_lens.max()) // params.block_size)
+    ratio, per_cmp = (
+        params.block_size // params.compress_stride,
+        params.compress_block // params.compress_stride,
+    )
+    importance = torch.zeros(batch, n, kv_heads, blocks, dtype=torch.float64, device=q.device)
+    for j in range(blocks):
+        for k in range(ratio + per_cmp - 1):
+            i = ratio * (j + 1) - 1 - k
+            if 0 <= i < p.shape[-1]:
+                weight = min(k, ratio - 1, per_cmp - 1, ratio + per_cmp - 2 - k) + 1
+                importance[..., j] += weight * p[..., i]
+    return importance, t.div(params.block_size, rounding_mode="floor")
+
+
+def _check_near_optimal(indices, importance, current, tolerance):
+    """Every chosen non-forced block is at least as important as any unchosen candidate, up to tolerance."""
+    blocks = importance.shape[-1]
+    j = torch.arange(blocks, device=indices.device)
+    cur = current[:, :, None, None]
+    chosen = torch.zeros(*importance.shape[:-1], blocks + 1, dtype=torch.bool, device=indices.device)
+    chosen = chosen.scatter_(-1, torch.where(indices >= 0, indices, blocks), True)[..., :blocks]
+    forced = (j == 0) | (j == cur) | (j == cur - 1)
+    candidate = j <= cur
+    assert (chosen | ~(forced & candidate)).all(), "a forced block is missing"
+    low = importance.masked_fill(~chosen | forced, float("inf")).amin(-1)
+    high = importance.masked_fill(chosen | ~candidate, float("-inf")).amax(-1)
+    scale = importance.masked_fill(~candidate, 0).amax(-1)
+    assert (low >= high - tolerance * scale).all()
+
+
+GPU_CASES = [
+    # (Hq, Hkv, D, dtype, n): llama-G4 and paper-G16 in bf16; G = 1, 3, 7 in float32 (tf32 products).
+    (32, 8, 128, torch.bfloat16, 1),
+    (64, 4, 128, torch.bfloat16, 1),
+    (64, 4, 128, torch.bfloat16, 3),
+    (3, 1, 64, torch.float32, 2),
+    (7, 1, 64, torch.float32, 1),
+    (1, 1, 64, torch.float32, 1),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("q_heads", "kv_heads", "dim", "dtype", "n"), GPU_CASES)
+def test_gpu_kernels_match_reference(rng, monkeypatch, q_heads, kv_heads, dim, dtype, n):
+    """Default geometry, three sequences of different lengths: the reference for the kernel's own selection,
+    and that selection is the top-n of the float64 importance up to rounding."""
+    monkeypatch.setattr(kernels, "POISON", True)
+    params = SparsityParams().resolved(dim)
+    sequences = [sequence(rng, t, q_heads, kv_heads, dim, dtype, params=params) for t in (3001, 2048, 700)]
+    inputs = {k: v.cuda() for k, v in batch_cache(rng, sequences, n, params).items()}
+    out, lse, indices = kernels.nsa_decode(*decode_args(inputs), params)
+    assert torch.isfinite(out).all() and out.dtype == dtype
+    upcast = [x.float() if x.is_floating_point() else x for x in decode_args(inputs)]
+    expected, expected_lse, _ = reference.nsa_decode(*upcast, params, indices=indices)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    assert ((out.float() - expected).norm() / expected.norm()).item() < tolerance
+    finite = expected_lse.isfinite()
+    assert torch.equal(lse.isfinite(), finite)
+    assert torch.allclose(lse[finite], expected_lse[finite], atol=5e-2 if dtype == torch.bfloat16 else 5e-3)
+    importance, current = _importance(inputs["q"], inputs["k_cmp"], inputs["seq_lens"], params)
+    _check_near_optimal(indices, importance, current, 2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_step_equals_the_training_kernels(rng):
+    """The spec's property on the GPU: decode kernels at T vs the training kernels' row T − 1 (float32)."""
+    from nsa_convert.kernels import nsa_forward
+
+    params = SparsityParams().resolved(64)
+    x = sequence(rng, 2200, 8, 2, 64, torch.float32, params=params)
+    x = {k: v.cuda() for k, v in x.items()}
+    full_out, _, full_indices = nsa_forward(**x, params=params)
+    lengths = [1100, 1600, 2047, 2200]
+    sequences = []
+    for length in lengths:
+        count = num_compressed_blocks(length, params.compress_block, params.compress_stride)
+        seq = {name: t[:, :length] for name, t in x.items()}
+        seq["k_cmp"], seq["v_cmp"] = x["k_cmp"][:, :count], x["v_cmp"][:, :count]
+        sequences.append(seq)
+    inputs = batch_cache(rng, [{k: v.cpu() for k, v in s.items()} for s in sequences], 1, params)
+    inputs = {k: v.cuda() for k, v in inputs.items()}
+    out, _, indices = ops.nsa_decode_with_stats(*decode_args(inputs), backend="triton")
+    rows = torch.tensor(lengths, device="cuda") - 1
+    same = (indices[:, 0] == full_indices[0, rows]).all(-1)
+    assert same.float().mean() >= 0.75
+    keep = same.repeat_interleave(4, dim=1)
+    got, want = out[:, 0][keep], full_out[0, rows][keep]
+    assert ((got - want).norm() / want.norm()).item() < 2e-3
+
+
+@pytest.mark.gpu
+def test_gpu_decode_step_captures_in_a_cuda_graph(rng):
+    """No host sync: one decode step records into a CUDA graph and replays on new inputs."""
+    params = SparsityParams().resolved(128)
+    sequences = [sequence(rng, t, 32, 8, 128, torch.bfloat16, params=params) for t in (1500, 1200)]
+    static = {k: v.cuda() for k, v in batch_cache(rng, sequences, 1, params).items()}
+    args = decode_args(static)
+    ops.nsa_decode(*args, backend="triton")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.nsa_decode(*args, backend="triton")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.nsa_decode(*args, backend="triton")
+    static["q"].copy_(torch.randn_like(static["q"]))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, ops.nsa_decode(*args, backend="triton"))

@@ -8,7 +8,8 @@ step reads only the compressed keys/values, the n selected blocks and the window
    each writes its slice's scaled scores (selection needs them) and an online-softmax partial (m, l, acc);
 2. reduce + select, one program per (sequence, KV head, new token): merges the partials into g_cmp·o_cmp
    and its lse, turns the scores into p_cmp, folds them into block importance (eq. 9, summed over the
-   group: eq. 10) tile by tile and keeps a running top-n (forced blocks first, ties to the lower index);
+   group: eq. 10) tile by tile, then ranks all blocks at once by a threshold search (forced blocks first,
+   ties to the lower index; no sort);
 3. sparse partials, one program per (sequence, KV head, chunk): a chunk is one selected-block slot (every
    new token's block in that slot) or one BW-token tile of the window;
 4. combine: merges the selected and window partials and adds them, gated, to the compressed branch.
@@ -23,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_convert.spec import SparsityParams, num_compressed_blocks
+from nsa_convert.spec import SparsityParams, num_compressed_blocks, num_selection_blocks
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
@@ -33,8 +34,10 @@ BC = 64
 """Compressed keys per tile."""
 BW = 64
 """Window keys per tile (one program each)."""
-BJ = 32
-"""Selection blocks per importance tile."""
+TILE = 8192
+"""Elements of the 3-D tiles (importance terms, partial accumulators) one load takes."""
+MAX_SPLITS = 64
+"""Most programs the compressed keys of one (sequence, KV head) are split over."""
 POISON = False
 """Tests set this to fill every buffer the kernels must write with NaN (or −7777 for indices) first."""
 
@@ -53,20 +56,6 @@ def _band_weight(k, R: tl.constexpr, QC: tl.constexpr):
 
 
 @triton.jit
-def _merge_top(running, key, TOPN: tl.constexpr):
-    """The TOPN largest of running ∪ key (1-D int64), descending, −1 padded; valid keys are unique."""
-    slots = tl.arange(0, running.shape[0])
-    top = tl.full(running.shape, -1, tl.int64)
-    gone = -(2**62)
-    for s in tl.static_range(TOPN):
-        best = tl.maximum(tl.max(running, 0), tl.max(key, 0))
-        top = tl.where(slots == s, best, top)
-        running = tl.where(running == best, gone, running)
-        key = tl.where(key == best, gone, key)
-    return tl.where(top < 0, -1, top)
-
-
-@triton.jit
 def _online(m_i, l_i, acc, s, v):
     """One online-softmax step over scores s [R, N] (log2 domain, −inf masked) and values v [N, DV]."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -79,25 +68,29 @@ def _online(m_i, l_i, acc, s, v):
 
 @triton.jit
 def _merge_partials(PM, PL, PA, r, r_ok, c_lo, c_hi, sp_c, spa_c, spa_r, dv, DV: tl.constexpr, GP: tl.constexpr,
-                    BDV: tl.constexpr):  # fmt: skip
-    """Merge the (m, l, acc) partials c_lo … c_hi − 1 of rows r (pointers already at this (b, h))."""
-    m = tl.full([GP], -1.0e30, tl.float32)
-    l_sum = tl.zeros([GP], tl.float32)
+                    CP: tl.constexpr, CCH: tl.constexpr, BDV: tl.constexpr):  # fmt: skip
+    """Merge the (m, l, acc) partials c_lo … c_hi − 1 (c_hi − c_lo ≤ CP) of rows r (pointers at this (b, h)).
+
+    The maxima and sums of all partials are read at once; the accumulators CCH partials per load.
+    """
+    c = c_lo + tl.arange(0, CP)
+    ok = (c < c_hi)[:, None] & r_ok[None, :]
+    m_all = tl.load(PM + c[:, None] * sp_c + r[None, :], mask=ok, other=-1.0e30)
+    m = tl.max(m_all, 0)
+    l_sum = tl.sum(
+        tl.load(PL + c[:, None] * sp_c + r[None, :], mask=ok, other=0.0) * tl.math.exp2(m_all - m[None, :]), 0
+    )
     acc = tl.zeros([GP, BDV], tl.float32)
-    for c in range(c_lo, c_hi):
-        m_c = tl.load(PM + c * sp_c + r, mask=r_ok, other=-1.0e30)
-        l_c = tl.load(PL + c * sp_c + r, mask=r_ok, other=0.0)
+    for c0 in range(c_lo, c_hi, CCH):
+        cc = c0 + tl.arange(0, CCH)
+        ok2 = (cc < c_hi)[:, None] & r_ok[None, :]
+        m_c = tl.load(PM + cc[:, None] * sp_c + r[None, :], mask=ok2, other=-1.0e30)
         a_c = tl.load(
-            PA + c * spa_c + r[:, None] * spa_r + dv[None, :],
-            mask=r_ok[:, None] & (dv[None, :] < DV),
+            PA + cc[:, None, None] * spa_c + r[None, :, None] * spa_r + dv[None, None, :],
+            mask=ok2[:, :, None] & (dv[None, None, :] < DV),
             other=0.0,
         )
-        m_new = tl.maximum(m, m_c)
-        scale_old = tl.math.exp2(m - m_new)
-        scale_c = tl.math.exp2(m_c - m_new)
-        l_sum = l_sum * scale_old + l_c * scale_c
-        acc = acc * scale_old[:, None] + a_c * scale_c[:, None]
-        m = m_new
+        acc += tl.sum(a_c * tl.math.exp2(m_c - m[None, :])[:, :, None], 0)
     return m, l_sum, acc
 
 
@@ -166,15 +159,21 @@ def _cmp_partial_kernel(
 
 @triton.jit
 def _cmp_select_kernel(
-    SC, PM, PL, PA, GATE, LENS, ACC, LSE, IDX,
+    SC, PM, PL, PA, GATE, LENS, ACC, LSE, IMP, IDX,
     ssc_bh, ssc_r, sp_bh, sp_s, spa_bh, spa_s, spa_r,
     sg_b, sg_t, sg_h, sa_b, sa_t, sa_h, sl_b, sl_t, sl_h, si_b, si_t, si_h,
     n_new, n_split,
     HKV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, CSTRIDE: tl.constexpr, CSPAN: tl.constexpr,
     SEL: tl.constexpr, TOPN: tl.constexpr, TOPNP: tl.constexpr, RATIO: tl.constexpr, QC: tl.constexpr,
-    KWP: tl.constexpr, BLOCKS: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
+    KWP: tl.constexpr, BLOCKS: tl.constexpr, NBP: tl.constexpr, CP: tl.constexpr, CCH: tl.constexpr,
+    DV: tl.constexpr, BDV: tl.constexpr,
 ):  # fmt: skip
-    """g_cmp·o_cmp, lse_cmp and the top-n blocks of new token jq of one (b, KV head)."""
+    """g_cmp·o_cmp, lse_cmp and the top-n blocks of new token jq of one (b, KV head).
+
+    Block importance goes tile by tile into IMP (this program's row), then the whole row is ranked by
+    a 31-step search for the importance threshold of the n-th block (float bits are ordered like the
+    floats: importance is non-negative; forced blocks get +inf), ties going to the lower blocks.
+    """
     bh = tl.program_id(0)
     jq = tl.program_id(1)
     b = bh // HKV
@@ -186,21 +185,9 @@ def _cmp_select_kernel(
     hq = h * GROUP + g
     dv = tl.arange(0, BDV)
     m, l_sum, acc = _merge_partials(
-        PM + bh * sp_bh,
-        PL + bh * sp_bh,
-        PA + bh * spa_bh,
-        r,
-        g_ok,
-        0,
-        n_split,
-        sp_s,
-        spa_s,
-        spa_r,
-        dv,
-        DV,
-        GP,
-        BDV,
-    )
+        PM + bh * sp_bh, PL + bh * sp_bh, PA + bh * spa_bh, r, g_ok, 0, n_split, sp_s, spa_s, spa_r, dv, DV, GP,
+        CP, CCH, BDV,
+    )  # fmt: skip
     nonempty = l_sum > 0
     l_safe = tl.where(nonempty, l_sum, 1.0)
     lse2 = tl.where(nonempty, m + tl.math.log2(l_safe), float("inf"))
@@ -216,9 +203,8 @@ def _cmp_select_kernel(
     cur = tl.where(t >= 0, t // SEL, -1)
     kw = tl.arange(0, KWP)
     wk = _band_weight(kw, RATIO, QC)
-    slot = tl.arange(0, TOPNP)
-    running = tl.full([TOPNP], -1, tl.int64)
     sc_base = SC + bh.to(tl.int64) * ssc_bh
+    imp_base = IMP + (bh * n_new + jq).to(tl.int64) * NBP
     for j0 in range(0, cur + 1, BLOCKS):
         jb = j0 + tl.arange(0, BLOCKS)
         ci = RATIO * (jb[:, None] + 1) - 1 - kw[None, :]
@@ -229,20 +215,31 @@ def _cmp_select_kernel(
             other=float("-inf"),
         )
         p_grp = tl.sum(tl.math.exp2(sc - lse2[:, None, None]), 0)
-        imp = tl.sum(p_grp * wk[None, :], 1)
-        forced = (jb == 0) | (jb == cur) | (jb == cur - 1)
-        bits = tl.where(forced, 0x7F800000, imp.to(tl.int32, bitcast=True)).to(tl.int64)
-        key = tl.where(jb <= cur, (bits << 32) | (0x7FFFFFFF - jb).to(tl.int64), -1)
-        kth = tl.sum(tl.where(slot == TOPN - 1, running, 0), 0)
-        if tl.max(key, 0) > kth:
-            running = _merge_top(running, key, TOPN)
-    chosen = tl.where(running >= 0, 0x7FFFFFFF - (running & 0x7FFFFFFF), -1).to(tl.int32)
-    big = 0x7FFFFFF0
-    chosen = tl.where((chosen >= 0) & (slot < TOPN), chosen, big + slot)
-    rank = tl.sum((chosen[None, :] < chosen[:, None]).to(tl.int32), 1)
-    ordered = tl.sum(tl.where(rank[:, None] == slot[None, :], chosen[:, None], 0), 0)
-    ordered = tl.where(ordered >= big, -1, ordered)
-    tl.store(IDX + b * si_b + jq * si_t + h * si_h + slot, ordered.to(tl.int64), mask=slot < TOPN)
+        tl.store(imp_base + jb, tl.sum(p_grp * wk[None, :], 1), mask=jb <= cur)
+    tl.debug_barrier()
+    j = tl.arange(0, NBP)
+    cand = j <= cur
+    imp = tl.load(imp_base + j, mask=cand, other=0.0)
+    forced = (j == 0) | (j == cur) | (j == cur - 1)
+    bits = tl.where(cand, tl.where(forced, 0x7F800000, imp.to(tl.int32, bitcast=True)), -1)
+    lo = 0
+    hi = 0x7F800001
+    for _ in tl.static_range(31):
+        mid = lo + (hi - lo) // 2
+        enough = tl.sum((bits >= mid).to(tl.int32), 0) >= TOPN
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    above = bits > lo
+    ties = bits == lo
+    need = TOPN - tl.sum(above.to(tl.int32), 0)
+    chosen = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= need))
+    chosen = tl.where(tl.sum(cand.to(tl.int32), 0) <= TOPN, cand, chosen)
+    slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
+    idx_base = IDX + b * si_b + jq * si_t + h * si_h
+    tl.store(idx_base + slot, j.to(tl.int64), mask=chosen)
+    s = tl.arange(0, TOPNP)
+    count = tl.sum(chosen.to(tl.int32), 0)
+    tl.store(idx_base + s, tl.full([TOPNP], -1, tl.int64), mask=(s >= count) & (s < TOPN))
 
 
 @triton.jit
@@ -333,8 +330,8 @@ def _combine_kernel(
     sp_bh, sp_c, spa_bh, spa_c, spa_r,
     sg_b, sg_t, sg_h, sa_b, sa_t, sa_h, so_b, so_t, so_h, sl_b, sl_t, sl_h,
     n_new, n_chunks,
-    HKV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, TOPN: tl.constexpr,
-    DV: tl.constexpr, BDV: tl.constexpr,
+    HKV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, TOPN: tl.constexpr, CP: tl.constexpr,
+    CCH: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
 ):  # fmt: skip
     """out = g_cmp·o_cmp + g_slc·o_slc + g_win·o_win for new token jq of one (b, KV head)."""
     bh = tl.program_id(0)
@@ -353,7 +350,7 @@ def _combine_kernel(
         c_hi = TOPN + (branch - 1) * (n_chunks - TOPN)
         m, l_sum, acc = _merge_partials(
             PM + bh * sp_bh, PL + bh * sp_bh, PA + bh * spa_bh, r, g_ok, c_lo, c_hi, sp_c, spa_c, spa_r, dv, DV, GP,
-            BDV,
+            CP, CCH, BDV,
         )  # fmt: skip
         nonempty = l_sum > 0
         l_safe = tl.where(nonempty, l_sum, 1.0)
@@ -374,6 +371,11 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _chunk(partials: int, rows: int, width: int) -> int:
+    """Partials per accumulator load: a power of two ≤ partials with rows × width × it ≤ TILE."""
+    return max(1, min(partials, TILE // (rows * width)))
+
+
 def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     """One launch set for n ≤ MAX_ROWS / G new tokens: (out, lse, indices)."""
     batch, n, hq, dk = q.shape
@@ -390,7 +392,7 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         k_cmp = q.new_zeros(batch, 1, hkv, dk)
         v_cmp = q.new_zeros(batch, 1, hkv, dv)
     tiles = triton.cdiv(tc_bound, BC)
-    n_split = max(1, min(tiles, triton.cdiv(2 * _sm_count(device), batch * hkv)))
+    n_split = max(1, min(tiles, MAX_SPLITS, triton.cdiv(2 * _sm_count(device), batch * hkv)))
     split_len = max(1, triton.cdiv(tiles, n_split)) * BC
     n_split = max(1, triton.cdiv(tc_bound, split_len))
     f32 = dict(dtype=torch.float32, device=device)
@@ -412,16 +414,20 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     lse = _empty(batch, n, hq, 3, **f32)
     indices = _empty(batch, n, hkv, params.top_n, dtype=torch.int64, device=device)
     ratio, per_cmp = block // stride, length // stride
+    kwp = triton.next_power_of_2(ratio + per_cmp - 1)
+    nbp = triton.next_power_of_2(max(1, num_selection_blocks(rows_k, block)))
+    importance = _empty(batch * hkv * n, nbp, **f32)
+    cp = triton.next_power_of_2(n_split)
     _cmp_select_kernel[(batch * hkv, n)](
-        scores, pm, pl, pa, gates, lens, acc, lse, indices,
+        scores, pm, pl, pa, gates, lens, acc, lse, importance, indices,
         scores.stride(0), scores.stride(1), pm.stride(0), pm.stride(1), pa.stride(0), pa.stride(1), pa.stride(2),
         gates.stride(0), gates.stride(1), gates.stride(2), acc.stride(0), acc.stride(1), acc.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2), indices.stride(0), indices.stride(1), indices.stride(2),
         n, n_split,
         HKV=hkv, GROUP=group, GP=gp, CSTRIDE=stride, CSPAN=length, SEL=block, TOPN=params.top_n,
-        TOPNP=triton.next_power_of_2(params.top_n), RATIO=ratio, QC=per_cmp,
-        KWP=triton.next_power_of_2(ratio + per_cmp - 1), BLOCKS=BJ, DV=dv, BDV=bdv,
-        num_warps=warps,
+        TOPNP=triton.next_power_of_2(params.top_n), RATIO=ratio, QC=per_cmp, KWP=kwp,
+        BLOCKS=max(16, min(nbp, TILE // (gp * kwp))), NBP=nbp, CP=cp, CCH=_chunk(cp, gp, bdv), DV=dv, BDV=bdv,
+        num_warps=max(warps, min(16, nbp // 256)),
     )  # fmt: skip
     k_win = k if k_win is None else k_win
     v_win = v if v_win is None else v_win
@@ -441,13 +447,14 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         num_warps=warps,
     )  # fmt: skip
     out = _empty(batch, n, hq, dv, dtype=q.dtype, device=device)
+    cp2 = triton.next_power_of_2(max(params.top_n, n_chunks - params.top_n))
     _combine_kernel[(batch * hkv, n)](
         pm2, pl2, pa2, gates, acc, out, lse,
         pm2.stride(0), pm2.stride(1), pa2.stride(0), pa2.stride(1), pa2.stride(2),
         gates.stride(0), gates.stride(1), gates.stride(2), acc.stride(0), acc.stride(1), acc.stride(2),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         n, n_chunks,
-        HKV=hkv, GROUP=group, GP=gp, TOPN=params.top_n, DV=dv, BDV=bdv,
+        HKV=hkv, GROUP=group, GP=gp, TOPN=params.top_n, CP=cp2, CCH=_chunk(cp2, gp, bdv), DV=dv, BDV=bdv,
         num_warps=warps,
     )  # fmt: skip
     return out, lse, indices
