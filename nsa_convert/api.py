@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -16,10 +15,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from nsa_convert import __version__
-from nsa_convert.capture import Captured, capture, read_config
-from nsa_convert.checkpoint import CheckpointReader, ShardWriter, TensorSpec, staged_output
+from nsa_convert.capture import Captured, capture, quiet_transformers, read_config
+from nsa_convert.checkpoint import CheckpointReader, ShardWriter, TensorSpec, check_output, staged_output
 from nsa_convert.config import NSAConfig
-from nsa_convert.errors import CheckpointError, ConfigError, UnsupportedModelError
+from nsa_convert.errors import CheckpointError, ConfigError, NSAConvertError, UnsupportedModelError
 from nsa_convert.nn.attention import NSAttention
 from nsa_convert.nn.install import build_site_module, install_nsa
 from nsa_convert.passes import RetargetDevice, plan_sites, rewrite_sites
@@ -82,13 +81,34 @@ class ConversionReport:
         }
 
 
+@contextmanager
+def _concerning(path: Path) -> Iterator[None]:
+    """Errors raised in the block that name no file are about `path`."""
+    try:
+        yield
+    except NSAConvertError as err:
+        if err.path is None:
+            err.path = path
+        raise
+
+
 def plan(model_dir: str | Path, config: NSAConfig | None = None, *, trust_remote_code: bool = False) -> Plan:
     """Capture the model of `model_dir/config.json` (no weights read) and decide each attention site."""
     model_dir = Path(model_dir)
-    config = config or NSAConfig()
     model_config = read_config(model_dir, trust_remote_code=trust_remote_code)
-    captured = capture(model_config, trust_remote_code=trust_remote_code)
-    sites = plan_sites(captured.graph_module, model_config, config)
+    return _plan(model_dir, model_config, config or NSAConfig(), trust_remote_code=trust_remote_code)
+
+
+def _plan(
+    model_dir: Path,
+    model_config: PretrainedConfig,
+    config: NSAConfig,
+    *,
+    trust_remote_code: bool,
+) -> Plan:
+    with _concerning(model_dir / "config.json"):
+        captured = capture(model_config, trust_remote_code=trust_remote_code)
+        sites = plan_sites(captured.graph_module, model_config, config)
     if not sites:
         raise UnsupportedModelError("no attention call found in the model's graph", model_dir / "config.json")
     if not converted(sites):
@@ -205,6 +225,15 @@ def model_card(plan_: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _files_to_copy(reader: CheckpointReader, raw_config: dict, trust_remote_code: bool) -> list[Path]:
+    """Tokenizer and generation files, and a trusted model's own code (its `.py` files) when it has some."""
+    names = list(COPIED_FILES)
+    if trust_remote_code and raw_config.get("auto_map"):
+        names += sorted(path.name for path in reader.model_dir.glob("*.py"))
+    paths = (reader.local_file(name) for name in names)
+    return [path for path in paths if path is not None]
+
+
 def _specs(plan_: Plan, reader: CheckpointReader, copies: dict[str, list[str]]) -> Iterator[TensorSpec]:
     """What the conversion writes, in order: each source tensor (then its copies), then the new tensors."""
     for name in reader.names():
@@ -226,16 +255,25 @@ def convert(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: ProgressCallback | None = None,
 ) -> ConversionReport:
-    """Convert a dense checkpoint into an NSA one, streaming tensor by tensor; OUT_DIR appears only when complete."""
+    """Convert a dense checkpoint into an NSA one, streaming tensor by tensor; OUT_DIR appears only when complete.
+
+    The cheap checks come first (config, OUT_DIR, weight headers), then the capture, whose verdict comes
+    before the shapes are compared (an encoder is "not supported", not "weights mismatched").  Memory
+    stays at the tensor being copied plus the captured graph, whatever the size of the model.
+    """
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    plan_ = plan(model_dir, config, trust_remote_code=trust_remote_code)
+    config = config or NSAConfig()
+    model_config = read_config(model_dir, trust_remote_code=trust_remote_code)
+    check_output(out_dir, overwrite=overwrite, source=model_dir)
     reader = CheckpointReader(model_dir, allow_pickle=allow_pickle)
+    plan_ = _plan(model_dir, model_config, config, trust_remote_code=trust_remote_code)
     notes = check_weights(reader, plan_.captured.model)
     copies = (
         _independent_copies(converted(plan_.sites), reader) if plan_.config.branch_kv == "independent" else {}
     )
     raw_config = json.loads((model_dir / "config.json").read_text())
+    to_copy = _files_to_copy(reader, raw_config, trust_remote_code)
     copied = added = 0
     with staged_output(out_dir, overwrite=overwrite, source=model_dir) as staging:
         writer = ShardWriter(staging, _specs(plan_, reader, copies), max_shard_bytes=max_shard_bytes)
@@ -255,10 +293,8 @@ def convert(
         index = writer.finalize({"nsa_convert_version": __version__})
         raw_config["nsa"] = nsa_section(plan_, reader)
         (staging / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
-        for name in COPIED_FILES:
-            source = model_dir / name
-            if source.is_file() and not source.is_symlink():
-                shutil.copyfile(source, staging / name)
+        for source in to_copy:
+            shutil.copyfile(source, staging / source.name)
         (staging / "README.md").write_text(model_card(plan_))
     shards = sorted(set(index["weight_map"].values()))
     return ConversionReport(
@@ -289,35 +325,28 @@ def read_nsa_section(model_dir: Path) -> tuple[NSAConfig, list[AttentionSite]]:
     ]
 
 
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """from_pretrained reports the NSA tensors as unused: they are loaded right after, so silence it."""
-    logger = logging.getLogger("transformers.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def load(
     out_dir: str | Path,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     *,
     backend: str = "auto",
+    trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """A converted checkpoint as a trainable transformers model with NSA at every converted site.
 
     The module tree is the original one plus an `nsa` child per converted attention module, so
     per-layer FSDP wrapping and activation checkpointing work as for the dense model.
+    `trust_remote_code`: the model ships its own code (converted with --trust-remote-code).
     """
     out_dir = Path(out_dir)
     config, sites = read_nsa_section(out_dir)
-    with _quiet_transformers():
+    with quiet_transformers():  # from_pretrained reports the NSA tensors as unused: they are loaded below
         model = AutoModelForCausalLM.from_pretrained(
-            str(out_dir), dtype=dtype or "auto", attn_implementation="sdpa"
+            str(out_dir),
+            dtype=dtype or "auto",
+            attn_implementation="sdpa",
+            trust_remote_code=trust_remote_code,
         )
     modules = install_nsa(model, sites, config)
     for module in modules:

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+MESSAGE_LIMIT = 300
+
+
+def one_line(error: BaseException | str, limit: int = MESSAGE_LIMIT) -> str:
+    """An exception's text (or its type's name) on one line, cut to `limit` characters, for a user message."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 class NSAConvertError(Exception):
     """Base class: printed by the CLI as one line, `path: message`, without a traceback."""
