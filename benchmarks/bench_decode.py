@@ -108,7 +108,7 @@ def bench_one(name: str, batch: int, seq_len: int) -> dict:
         sets.append((q, *kv, *compressed, gates, lens))
 
     def nsa_call(q, k, v, k_cmp, v_cmp, gates, lens):
-        views = (x.transpose(1, 2) for x in (k, v, k_cmp, v_cmp))
+        views = tuple(x.transpose(1, 2) for x in (k, v, k_cmp, v_cmp))
         return lambda: ops.nsa_decode(q, *views, gates, lens, backend="triton")
 
     def sdpa_call(q, k, v, *_):
