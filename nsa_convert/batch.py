@@ -29,7 +29,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from nsa_convert import __version__
-from nsa_convert.config import NSAConfig
+from nsa_convert.config import NSAConfig, parse_size
 from nsa_convert.errors import NSAConvertError, OutputError, UsageError
 
 if TYPE_CHECKING:
@@ -64,7 +64,6 @@ _TYPE_NAMES = {
     bool: "true or false",
     type(None): "null",
 }
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 # Entry statuses.  The first three are successes; "skipped" entries were not run because another failed.
@@ -236,20 +235,6 @@ def _check_options(table: Any, where: str, allowed: tuple[str, ...], path: Path)
             expected = " or ".join(_TYPE_NAMES[t] for t in types)
             raise ManifestError(f"{where}: {key} must be {expected}, got {value!r}", path)
     return table
-
-
-def parse_size(value: str | int) -> int:
-    """'5GB', '500MiB', '1000000' or 1000000 → bytes (ValueError when it is not a positive size)."""
-    if isinstance(value, int):
-        size = value
-    else:
-        found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
-        if not found or found.group(2).upper() not in _SIZE_UNITS:
-            raise ValueError(f"cannot read size '{value}' (use e.g. 5GB or 500MiB)")
-        size = int(float(found.group(1)) * _SIZE_UNITS[found.group(2).upper()])
-    if size < 1:
-        raise ValueError(f"size {value!r} must be positive")
-    return size
 
 
 def _options_to_entry_fields(options: dict[str, Any], where: str, path: Path) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -9,6 +10,21 @@ from nsa_convert.spec import SparsityParams
 
 BRANCH_KV_MODES = ("shared", "independent")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(value: str | int) -> int:
+    """'5GB', '500MiB', '1000000' or 1000000 → bytes (ValueError when it is not a positive size)."""
+    if isinstance(value, int):
+        size = value
+    else:
+        found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+        if not found or found.group(2).upper() not in SIZE_UNITS:
+            raise ValueError(f"cannot read size '{value}' (use e.g. 5GB or 500MiB)")
+        size = int(float(found.group(1)) * SIZE_UNITS[found.group(2).upper()])
+    if size < 1:
+        raise ValueError(f"size {value!r} must be positive")
+    return size
 
 
 @dataclass(frozen=True)

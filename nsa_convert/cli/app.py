@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from nsa_convert.checkpoint import install_sigterm_as_interrupt
-from nsa_convert.errors import NSAConvertError, one_line
+from nsa_convert.config import NSAConfig
+from nsa_convert.errors import NSAConvertError, UsageError, one_line
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Convert dense GQA models into NSA models."
@@ -63,6 +64,14 @@ def run_command(body: Callable[[], Any], *, debug: bool) -> Any:
         fail(
             f"unexpected {type(err).__name__}: {one_line(err)} (--debug shows the traceback)", UNEXPECTED_EXIT
         )
+
+
+def nsa_config(**options: Any) -> NSAConfig:
+    """NSAConfig from command-line options; an invalid combination is a usage error (exit 2)."""
+    try:
+        return NSAConfig(**options)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def emit_json(data: dict) -> None:

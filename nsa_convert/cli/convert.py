@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from nsa_convert.cli.app import app, emit_json, run_command, stderr
-from nsa_convert.config import BRANCH_KV_MODES, DTYPES, NSAConfig
+from nsa_convert.cli.app import app, emit_json, nsa_config, run_command, stderr
+from nsa_convert.config import BRANCH_KV_MODES, DTYPES, parse_size
 from nsa_convert.errors import UsageError
-
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '500MiB', '1000000' → bytes."""
-    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    if not found or found.group(2).upper() not in SIZE_UNITS:
-        raise UsageError(f"--max-shard-size: cannot read '{text}' (use e.g. 5GB or 500MiB)")
-    size = int(float(found.group(1)) * SIZE_UNITS[found.group(2).upper()])
-    if size < 1:
-        raise UsageError("--max-shard-size must be positive")
-    return size
 
 
 def sites_table(sites) -> Table:
@@ -68,19 +54,19 @@ def convert(
     from nsa_convert.api import convert as convert_model
 
     def body():
+        config = nsa_config(
+            block_size=block_size,
+            top_n=top_n,
+            window=window,
+            compress_block=compress_block,
+            compress_stride=compress_stride,
+            branch_kv=branch_kv,
+            dtype=dtype,
+        )
         try:
-            config = NSAConfig(
-                block_size=block_size,
-                top_n=top_n,
-                window=window,
-                compress_block=compress_block,
-                compress_stride=compress_stride,
-                branch_kv=branch_kv,
-                dtype=dtype,
-            )
+            shard_bytes = parse_size(max_shard_size)
         except ValueError as err:
-            raise UsageError(str(err)) from None
-        shard_bytes = parse_size(max_shard_size)
+            raise UsageError(f"--max-shard-size: {err}") from None
         with Progress(
             TextColumn("{task.description}"),
             BarColumn(),

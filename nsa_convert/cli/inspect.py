@@ -10,9 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from nsa_convert.cli.app import app, emit_json, run_command, stderr
-from nsa_convert.config import NSAConfig
-from nsa_convert.errors import UsageError
+from nsa_convert.cli.app import app, emit_json, nsa_config, run_command, stderr
 
 
 def _sites_table(inspection) -> Table:
@@ -83,17 +81,14 @@ def inspect(
     from nsa_convert.inspection import inspect_model
 
     def body():
-        try:
-            config = NSAConfig(
-                block_size=block_size,
-                top_n=top_n,
-                window=window,
-                compress_block=compress_block,
-                compress_stride=compress_stride,
-                branch_kv=branch_kv,
-            )
-        except ValueError as err:
-            raise UsageError(str(err)) from None
+        config = nsa_config(
+            block_size=block_size,
+            top_n=top_n,
+            window=window,
+            compress_block=compress_block,
+            compress_stride=compress_stride,
+            branch_kv=branch_kv,
+        )
         return inspect_model(
             path, config, context=context, layer=layer, onnx_path=onnx, trust_remote_code=trust_remote_code
         )
