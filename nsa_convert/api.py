@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -234,12 +236,55 @@ def _files_to_copy(reader: CheckpointReader, raw_config: dict, trust_remote_code
     return [path for path in paths if path is not None]
 
 
-def _specs(plan_: Plan, reader: CheckpointReader, copies: dict[str, list[str]]) -> Iterator[TensorSpec]:
-    """What the conversion writes, in order: each source tensor (then its copies), then the new tensors."""
+class _Background:
+    """`fn()` on a daemon thread: a Ctrl-C on the main thread ends the process without waiting for it."""
+
+    def __init__(self, fn: Callable[[], Any], name: str) -> None:
+        self._finished = threading.Event()
+        self._result: Any = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, args=(fn,), name=name, daemon=True).start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._result = fn()
+        except BaseException as exc:  # handed to the main thread by result()
+            self._error = exc
+        finally:
+            self._finished.set()
+
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def settle(self) -> None:
+        """Wait for `fn` to end, whatever its outcome (so that no capture outlives a failed conversion)."""
+        self._finished.wait()
+
+    def result(self) -> Any:
+        self._finished.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def _copies_in_order(plan_: Plan, reader: CheckpointReader) -> list[tuple[str, str]]:
+    """(source tensor, name of its copy) for the independent branches' projections, in writing order."""
+    if plan_.config.branch_kv != "independent":
+        return []
+    copies = _independent_copies(converted(plan_.sites), reader)
+    return [(source, alias) for source, aliases in copies.items() for alias in aliases]
+
+
+def _specs(reader: CheckpointReader, planning: _Background) -> Iterator[TensorSpec]:
+    """What the conversion writes, in order: the source tensors, then (once the plan is known) the copies
+    of the independent branches and the new tensors."""
     for name in reader.names():
         info = reader.meta(name)
-        for written in (name, *copies.get(name, ())):
-            yield TensorSpec(written, info.shape, info.dtype)
+        yield TensorSpec(name, info.shape, info.dtype)
+    plan_, _ = planning.result()
+    for source, alias in _copies_in_order(plan_, reader):
+        info = reader.meta(source)
+        yield TensorSpec(alias, info.shape, info.dtype)
     for name, tensor in initial_nsa_tensors(plan_, reader):
         yield TensorSpec.of(name, tensor)
 
@@ -257,9 +302,11 @@ def convert(
 ) -> ConversionReport:
     """Convert a dense checkpoint into an NSA one, streaming tensor by tensor; OUT_DIR appears only when complete.
 
-    The cheap checks come first (config, OUT_DIR, weight headers), then the capture, whose verdict comes
-    before the shapes are compared (an encoder is "not supported", not "weights mismatched").  Memory
-    stays at the tensor being copied plus the captured graph, whatever the size of the model.
+    The cheap checks come first (config, OUT_DIR, weight headers).  The capture (then the comparison of
+    the shapes it implies with the checkpoint's) runs on a second thread while the source tensors are
+    copied — by the kernel, file to file — into OUT_DIR's staging directory: a failure there stops the
+    copy at once.  The new tensors come last.  Memory stays at one tensor plus the captured graph,
+    whatever the size of the model.
     """
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -267,26 +314,34 @@ def convert(
     model_config = read_config(model_dir, trust_remote_code=trust_remote_code)
     check_output(out_dir, overwrite=overwrite, source=model_dir)
     reader = CheckpointReader(model_dir, allow_pickle=allow_pickle)
-    plan_ = _plan(model_dir, model_config, config, trust_remote_code=trust_remote_code)
-    notes = check_weights(reader, plan_.captured.model)
-    copies = (
-        _independent_copies(converted(plan_.sites), reader) if plan_.config.branch_kv == "independent" else {}
-    )
     raw_config = json.loads((model_dir / "config.json").read_text())
     to_copy = _files_to_copy(reader, raw_config, trust_remote_code)
+
+    def planned() -> tuple[Plan, list[str]]:
+        plan_ = _plan(model_dir, model_config, config, trust_remote_code=trust_remote_code)
+        return plan_, check_weights(reader, plan_.captured.model)
+
     copied = added = 0
     with staged_output(out_dir, overwrite=overwrite, source=model_dir) as staging:
-        writer = ShardWriter(staging, _specs(plan_, reader, copies), max_shard_bytes=max_shard_bytes)
+        planning = _Background(planned, name="nsa-convert capture")
+        writer = ShardWriter(staging, _specs(reader, planning), max_shard_bytes=max_shard_bytes)
         total, done = reader.total_bytes, 0
-        for name, tensor in reader.iter_tensors():
-            writer.add(name, tensor)
-            copied += 1
-            for alias in copies.get(name, ()):
-                writer.add(alias, tensor)
-                added += 1
-            done += tensor.numel() * tensor.element_size()
-            if progress:
-                progress(name, done, total)
+        try:
+            for name, tensor in reader.iter_stored():
+                if planning.done():
+                    planning.result()  # a model NSA cannot take, or weights that disagree: stop now
+                writer.add(name, tensor)
+                copied += 1
+                done += reader.meta(name).nbytes
+                if progress:
+                    progress(name, done, total)
+        except Exception:
+            planning.settle()  # torch.export is not thread-safe: the caller may capture again next
+            raise
+        plan_, notes = planning.result()
+        for source, alias in _copies_in_order(plan_, reader):
+            writer.add(alias, reader.get(source))
+            added += 1
         for name, tensor in initial_nsa_tensors(plan_, reader):
             writer.add(name, tensor)
             added += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from nsa_convert.errors import ConfigError, UnsupportedModelError, one_line
 
 EXAMPLE_SEQ_LEN = 16
+# torch.export keeps process-wide tracing state: one capture at a time, whatever the thread.
+_EXPORT_LOCK = threading.Lock()
 
 
 @dataclass
@@ -119,16 +122,17 @@ def export_model(model: nn.Module, vocab_size: int) -> torch.fx.GraphModule:
     """
     input_ids = torch.randint(0, max(vocab_size, 2), (2, EXAMPLE_SEQ_LEN), device="meta")
     try:
-        program = torch.export.export(
-            model,
-            (),
-            {"input_ids": input_ids, "use_cache": False},
-            dynamic_shapes={
-                "input_ids": {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},
-                "use_cache": None,
-            },
-            strict=False,
-        )
+        with _EXPORT_LOCK:
+            program = torch.export.export(
+                model,
+                (),
+                {"input_ids": input_ids, "use_cache": False},
+                dynamic_shapes={
+                    "input_ids": {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},
+                    "use_cache": None,
+                },
+                strict=False,
+            )
     except Exception as err:  # torch.export raises many types; the user needs the first line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UnsupportedModelError(f"torch.export could not capture the model: {one_line(first)}") from None

@@ -20,11 +20,13 @@ from safetensors.torch import load_file, save_file
 from nsa_convert.checkpoint import (
     CheckpointReader,
     ShardWriter,
+    StoredTensor,
     TensorSpec,
     install_sigterm_as_interrupt,
     staged_output,
 )
 from nsa_convert.checkpoint import staging as staging_module
+from nsa_convert.checkpoint import writer as writer_module
 from nsa_convert.errors import CheckpointError, OutputError
 
 DTYPES = [
@@ -181,7 +183,7 @@ def test_writer_writes_views_shared_storage_and_empty_tensors(tmp_path, rng):
 def test_writer_holds_the_caller_to_its_declaration(tmp_path, rng):
     a, b = random_tensor((2,), torch.float32, rng), random_tensor((3,), torch.float32, rng)
     with pytest.raises(ValueError, match="declared twice"):
-        ShardWriter(tmp_path, [TensorSpec.of("a", a), TensorSpec.of("a", a)])
+        ShardWriter(tmp_path, [TensorSpec.of("a", a), TensorSpec.of("a", a)]).add("a", a)
     writer = ShardWriter(tmp_path, [TensorSpec.of("a", a), TensorSpec.of("b", b)])
     with pytest.raises(ValueError, match="expected tensor 'a' next, got 'b'"):
         writer.add("b", b)
@@ -196,6 +198,66 @@ def test_writer_holds_the_caller_to_its_declaration(tmp_path, rng):
     with pytest.raises(ValueError, match="total_size"):
         writer.finalize({"total_size": 1})
     assert writer.finalize()["weight_map"] == {"a": "model.safetensors", "b": "model.safetensors"}
+
+
+def test_writer_reads_the_declaration_one_shard_ahead(tmp_path, rng):
+    """The end of the declaration may be computed while the first shards are written."""
+    tensors = {f"t{i}": random_tensor((10,), torch.float32, rng) for i in range(6)}  # 40 bytes each
+    declared = []
+
+    def specs():
+        for name, tensor in tensors.items():
+            declared.append(name)
+            yield TensorSpec.of(name, tensor)
+
+    writer = ShardWriter(tmp_path, specs(), max_shard_bytes=80)
+    writer.add("t0", tensors["t0"])
+    assert declared == ["t0", "t1", "t2"]  # the first shard's two members, and the one that did not fit
+    writer.add("t1", tensors["t1"])
+    writer.add("t2", tensors["t2"])
+    assert declared == ["t0", "t1", "t2", "t3", "t4"]
+    for name in ("t3", "t4", "t5"):
+        writer.add(name, tensors[name])
+    index = writer.finalize()
+    assert index["weight_map"]["t5"] == "model-00003-of-00003.safetensors"
+    assert index["metadata"]["total_size"] == 6 * 40
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "through-a-buffer"])
+def test_stored_tensors_are_copied_file_to_file(tmp_path, rng, monkeypatch, kernel_copy):
+    state = random_state(rng)
+    write_sharded(tmp_path / "src", state)
+    reader = CheckpointReader(tmp_path / "src")
+    if not kernel_copy:
+
+        def unsupported(*args):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+        monkeypatch.setattr(os, "copy_file_range", unsupported)
+    specs = [TensorSpec(n, reader.meta(n).shape, reader.meta(n).dtype) for n in reader.names()]
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = ShardWriter(out, specs, max_shard_bytes=reader.total_bytes // 2)
+    for name, stored in reader.iter_stored():
+        assert isinstance(stored, StoredTensor) and same(stored.load(), state[name])
+        writer.add(name, stored)
+    index = writer.finalize()
+    for file, sha in index["metadata"]["shard_sha256"].items():
+        assert hashlib.sha256((out / file).read_bytes()).hexdigest() == sha
+    again = CheckpointReader(out)
+    assert sorted(again.names()) == sorted(state)
+    assert all(same(again.get(name), tensor) for name, tensor in state.items())
+
+
+def test_a_source_truncated_during_the_copy_is_a_checkpoint_error(tmp_path, rng):
+    save_file({"a": random_tensor((64,), torch.float32, rng)}, tmp_path / "model.safetensors")
+    reader = CheckpointReader(tmp_path)
+    ((name, stored),) = list(reader.iter_stored())
+    writer = ShardWriter(tmp_path, [TensorSpec.of(name, stored)])
+    with (tmp_path / "model.safetensors").open("rb") as file:
+        os.truncate(tmp_path / "model.safetensors", stored.offset + 10)
+        with pytest.raises(CheckpointError, match="file is truncated: tensor 'a'"):
+            writer.add(name, StoredTensor(stored.info, file, stored.offset))
 
 
 def test_writer_gives_an_oversized_tensor_its_own_shard(tmp_path, rng):
@@ -529,29 +591,35 @@ def test_staged_output_refuses_a_missing_parent(tmp_path):
 
 
 class FillingDisk:
-    """Opens shard files on a disk that fills after `room` bytes: writes past it fail with ENOSPC."""
+    """A disk that fills after `room` bytes: the write or copy that crosses it fails with ENOSPC, as the kernel's do.
 
-    def __init__(self, room: int) -> None:
+    It replaces the writer's two ways of putting bytes in a file.
+    """
+
+    def __init__(self, monkeypatch, room: int) -> None:
         self.room = room
+        write, copy = writer_module._write_all, writer_module._copy_range
 
-    def open(self, path: Path) -> FillingDisk.File:
-        return FillingDisk.File(self, path.open("xb"))
-
-    class File:
-        def __init__(self, disk: FillingDisk, file) -> None:
-            self.disk, self.file = disk, file
-
-        def write(self, data) -> int:
-            data = memoryview(data).cast("B")
-            if len(data) > self.disk.room:
-                self.file.write(data[: self.disk.room])
-                self.disk.room = 0
+        def write_some(fd: int, data) -> None:
+            allowed = self._take(len(data))
+            write(fd, data[:allowed])
+            if allowed < len(data):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            self.disk.room -= len(data)
-            return self.file.write(data)
 
-        def close(self) -> None:
-            self.file.close()
+        def copy_some(source: int, offset: int, target: int, nbytes: int) -> int:
+            allowed = self._take(nbytes)
+            copy(source, offset, target, allowed)
+            if allowed < nbytes:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return nbytes
+
+        monkeypatch.setattr(writer_module, "_write_all", write_some)
+        monkeypatch.setattr(writer_module, "_copy_range", copy_some)
+
+    def _take(self, nbytes: int) -> int:
+        allowed = min(nbytes, self.room)
+        self.room -= allowed
+        return allowed
 
 
 @pytest.mark.parametrize("room", [0, 100, 5000])  # in the header, in the first tensor, in the second shard
@@ -560,8 +628,7 @@ def test_disk_full_becomes_output_error_and_leaves_nothing(tmp_path, rng, monkey
     target.mkdir()
     (target / "old.txt").write_text("old")
     tensors = {f"t{i}": random_tensor((1000,), torch.float32, rng) for i in range(3)}
-    disk = FillingDisk(room)
-    monkeypatch.setattr(ShardWriter, "_open_file", lambda self, path: disk.open(path))
+    FillingDisk(monkeypatch, room)
     with (
         pytest.raises(OutputError, match="disk full while writing") as info,
         staged_output(target, overwrite=True) as staging,

@@ -35,7 +35,6 @@ from transformers import (
 )
 
 import nsa_convert
-from nsa_convert.checkpoint import ShardWriter
 from nsa_convert.cli import main
 from nsa_convert.errors import CheckpointError
 from tests.models import make_checkpoint
@@ -475,8 +474,7 @@ def test_disk_full_while_writing_exits_6_and_keeps_the_old_output(sources, case,
     model = copy_model(sources, "sharded", case)
     out, old = old_output(case)
     before = snapshot(model)
-    disk = FillingDisk(room=150_000)  # the source holds ~280 kB: the disk fills in the second shard
-    monkeypatch.setattr(ShardWriter, "_open_file", lambda self, path: disk.open(path))
+    FillingDisk(monkeypatch, room=150_000)  # the source holds ~280 kB: the disk fills in the second shard
 
     with pytest.raises(SystemExit) as exited:
         main([str(model), str(out), "--overwrite", "--max-shard-size", "100KB"])

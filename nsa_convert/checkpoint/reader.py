@@ -58,6 +58,21 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
+class StoredTensor:
+    """A tensor left in its safetensors file: where its bytes lie, so that a copy need not load it.
+
+    `file` is the shard, open for reading while `CheckpointReader.iter_stored` is on this tensor's shard.
+    """
+
+    info: TensorInfo
+    file: Any
+    offset: int
+
+    def load(self) -> torch.Tensor:
+        return _read_tensor(self.file, self.info, self.offset)
+
+
+@dataclass(frozen=True)
 class _Shard:
     path: Path
     relative: str
@@ -391,6 +406,14 @@ class CheckpointReader:
 
         The reader keeps no reference to a tensor it has yielded, so the caller decides how much is alive.
         """
+        for name, item in self.iter_stored():
+            yield name, item.load() if isinstance(item, StoredTensor) else item
+
+    def iter_stored(self) -> Iterator[tuple[str, StoredTensor | torch.Tensor]]:
+        """Like `iter_tensors`, but safetensors data stays where it is: a StoredTensor says where.
+
+        Pickle files yield loaded tensors (their layout is not one to copy bytes from).
+        """
         for shard in self._shards:
             if self._pickle:
                 state = self._load_pickle(shard.path)
@@ -399,7 +422,7 @@ class CheckpointReader:
                 continue
             with self._open(shard) as file:
                 for name in shard.names:
-                    yield name, _read_tensor(file, self._infos[name], shard.offsets[name])
+                    yield name, StoredTensor(self._infos[name], file, shard.offsets[name])
 
     @staticmethod
     def _open(shard: _Shard) -> Any:
