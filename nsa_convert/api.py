@@ -121,7 +121,7 @@ def _plan(
     return Plan(model_dir, model_config, captured, sites, config)
 
 
-def _expected_tensors(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+def expected_tensors(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """Shapes the config implies, and for tied parameters the name they share storage with."""
     shapes, first_name, aliases = {}, {}, {}
     for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
@@ -138,7 +138,7 @@ def check_weights(reader: CheckpointReader, model: nn.Module) -> list[str]:
 
     Returns notes on tensors the checkpoint holds beyond what the model uses (they are copied).
     """
-    expected, aliases = _expected_tensors(model)
+    expected, aliases = expected_tensors(model)
     present = set(reader.names())
     for name, shape in expected.items():
         if name not in present:

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from nsa_convert import __version__
-from nsa_convert.api import _expected_tensors, load, read_nsa_section
+from nsa_convert.api import expected_tensors, load, read_nsa_section
 from nsa_convert.capture import build_meta_model, choose_attn_implementation, read_config
 from nsa_convert.checkpoint import CheckpointReader
 from nsa_convert.checkpoint.reader import INDEX_NAME
@@ -189,7 +189,7 @@ def check_tensors(
 ) -> tuple[list[str], list[str]]:
     """Names, shapes and dtypes against the meta model (and the dense source's reader); (problems, notes)."""
     model = _meta_model(out_dir, config, sites)
-    expected, aliases = _expected_tensors(model)
+    expected, aliases = expected_tensors(model)
     meta = dict(model.state_dict(keep_vars=True))
     present = set(reader.names())
     tied_present = {owner for alias, owner in aliases.items() if alias in present}
