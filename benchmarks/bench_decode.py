@@ -1,6 +1,7 @@
 """One NSA decode step against SDPA decoding over the dense model's full KV cache, in the same run.
 
     python3 benchmarks/bench_decode.py [--contexts 8192 16384 32768 65536] [--batches 1 16] [--json PATH]
+                                       [--breakdown]
 
 Configs (bf16): llama-G4 (Hq=32, Hkv=8, D=128) and paper-G16 (Hq=64, Hkv=4, D=128); NSA at the paper's
 defaults (l=32, d=16, l'=64, n=16, w=512). Per (config, context T, batch B), one new token per sequence:
@@ -16,7 +17,8 @@ median over repeats of CUDA-event-timed replays, divided by the calls. Also repo
 read at least (dense: the whole cache; NSA: Tc compressed + n·l' selected + w window keys and values per KV
 head) and so the memory-access bound on the speed-up, the bytes each cached token costs (measured on an
 NSACacheLayer holding 64k tokens, shared and independent branch k/v), and the cost of the incremental
-compression (φ on the block a step completes, once every d steps).
+compression (φ on the block a step completes, once every d steps). --breakdown adds each decode kernel's
+device time per step at the largest context (profiled eager calls over the same rotated copies).
 """
 
 from __future__ import annotations
@@ -93,7 +95,21 @@ def nsa_read_bytes(batch: int, seq_len: int, hkv: int, dim: int) -> int:
     return batch * hkv * tokens * 2 * dim * DTYPE.itemsize
 
 
-def bench_one(name: str, batch: int, seq_len: int) -> dict:
+def kernel_us(calls, rounds: int = 5) -> dict[str, float]:
+    """Device microseconds per call of each kernel the calls launch (eager, profiled)."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(rounds):
+            for call in calls:
+                call()
+        torch.cuda.synchronize()
+    per_call = rounds * len(calls)
+    return {e.key: e.device_time_total / per_call for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def bench_one(name: str, batch: int, seq_len: int, breakdown: bool = False) -> dict:
     hq, hkv, dim = CONFIGS[name]
     dense_bytes = batch * hkv * seq_len * 2 * dim * DTYPE.itemsize
     copies = max(1, min(8, math.ceil(ROTATE_BYTES / dense_bytes)))
@@ -117,6 +133,8 @@ def bench_one(name: str, batch: int, seq_len: int) -> dict:
 
     row = {"config": name, "batch": batch, "context": seq_len, "copies": copies}
     row["nsa_ms"] = graph_ms([nsa_call(*s) for s in sets])
+    if breakdown:
+        row["kernels_us"] = kernel_us([nsa_call(*s) for s in sets])
     dense = {}
     for backend, key in SDPA_BACKENDS.items():
         try:
@@ -189,6 +207,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[65536, 32768, 16384, 8192])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--breakdown", action="store_true", help="per-kernel times at the largest context")
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
@@ -201,7 +220,8 @@ def main() -> None:
         for batch in args.batches:
             for name in CONFIGS:
                 try:
-                    rows.append(bench_one(name, batch, seq_len))
+                    breakdown = args.breakdown and seq_len == max(args.contexts)
+                    rows.append(bench_one(name, batch, seq_len, breakdown))
                 except Exception as err:  # keep the other rows of a one-shot run
                     print(f"{name} B={batch} T={seq_len}: FAILED {type(err).__name__}: {err}", flush=True)
                     torch.cuda.empty_cache()
@@ -212,6 +232,11 @@ def main() -> None:
                     f"({r['dense_backend']}) {r['speedup']:.2f}x (bound {r['bound']:.1f}x) {r['sdpa_ms']}",
                     flush=True,
                 )
+                if "kernels_us" in r:
+                    print(
+                        "    " + ", ".join(f"{k[:40]} {v:.1f} us" for k, v in r["kernels_us"].items()),
+                        flush=True,
+                    )
     summary = {
         "device": device,
         "torch": torch.__version__,

@@ -212,6 +212,30 @@ def test_kernels_match_reference(rng, monkeypatch, q_heads, kv_heads, lengths, n
     torch.testing.assert_close(lse[finite], expected_lse[finite], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        GEOMETRY,  # l'/d = 4, l/d = 2: one term of each block's span lies in the tile before
+        dict(block_size=12, top_n=5, window=20, compress_block=12, compress_stride=4),  # l'/d = 3
+        dict(block_size=8, top_n=3, window=16, compress_block=16, compress_stride=4),  # span 2 blocks back
+    ],
+)
+def test_kernels_with_small_tiles_match_reference(rng, monkeypatch, geometry):
+    """Tiles shrunk so that a few hundred tokens cross compressed tiles, splits and ranked parts."""
+    monkeypatch.setattr(kernels, "POISON", True)
+    monkeypatch.setattr(kernels, "BC", 16)
+    monkeypatch.setattr(kernels, "PART", 16)
+    monkeypatch.setattr(kernels, "MAX_PARTS", 4)
+    params = SparsityParams(**geometry).resolved(16)
+    sequences = [sequence(rng, t, 4, 1, 16, torch.float32, params=params) for t in (290, 163, 40)]
+    inputs = batch_cache(rng, sequences, 2, params)
+    out, lse, indices = kernels.nsa_decode(*decode_args(inputs), params)
+    expected_out, expected_lse, expected_indices = reference.nsa_decode(*decode_args(inputs), params)
+    assert torch.equal(indices, expected_indices)
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-5, atol=1e-5)
+
+
 def test_kernels_equal_full_sequence_across_boundaries(rng):
     """The spec's property on the kernels: decode at T = l − 1 … past 2·l' + d equals nsa_forward's row."""
     params = SparsityParams(**GEOMETRY).resolved(16)
@@ -402,6 +426,37 @@ def test_gpu_kernels_match_reference(rng, monkeypatch, q_heads, kv_heads, dim, d
     assert torch.allclose(lse[finite], expected_lse[finite], atol=5e-2 if dtype == torch.bfloat16 else 5e-3)
     importance, current = _importance(inputs["q"], inputs["k_cmp"], inputs["seq_lens"], params)
     _check_near_optimal(indices, importance, current, 2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("q_heads", "kv_heads", "n"), [(64, 4, 1), (32, 8, 2)])
+def test_gpu_long_context_kernels_match_reference(rng, monkeypatch, q_heads, kv_heads, n):
+    """Contexts long enough for many compressed splits and several ranked parts, bf16, default geometry."""
+    monkeypatch.setattr(kernels, "POISON", True)
+    params = SparsityParams().resolved(128)
+    lengths = torch.tensor([40000, 17000, 2500])
+    width = int(lengths.max())
+    tc = num_compressed_blocks(width, params.compress_block, params.compress_stride)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=rng).to("cuda", torch.bfloat16)
+
+    args = [
+        randn(3, n, q_heads, 128),
+        randn(3, width, kv_heads, 128),
+        randn(3, width, kv_heads, 128),
+        randn(3, tc, kv_heads, 128),
+        randn(3, tc, kv_heads, 128),
+        torch.rand(3, n, q_heads, 3, generator=rng).to("cuda", torch.bfloat16),
+        lengths.cuda(),
+    ]
+    out, lse, indices = kernels.nsa_decode(*args, params)
+    upcast = [x.float() if x.is_floating_point() else x for x in args]
+    expected, expected_lse, _ = reference.nsa_decode(*upcast, params, indices=indices)
+    assert ((out.float() - expected).norm() / expected.norm()).item() < 2e-2
+    torch.testing.assert_close(lse, expected_lse, atol=5e-2, rtol=0)
+    importance, current = _importance(args[0], args[3], args[6], params)
+    _check_near_optimal(indices, importance, current, 2e-2)
 
 
 @pytest.mark.gpu

@@ -2,17 +2,22 @@
 
 Group-centric: the rows of a program are the n new tokens × the G query heads of one KV head (flattened,
 row = j·G + g, padded to ≥ 16 for the matrix units), so each K/V tile it loads serves the whole group. A
-step reads only the compressed keys/values, the n selected blocks and the window. Four launches:
+step reads only the compressed keys/values, the n selected blocks and the window. Work is spread over
+many programs per (sequence, KV head), so that a single sequence fills the GPU too. Four launches:
 
-1. compressed partials, split-K over the compressed keys (enough programs to fill the GPU at batch 1):
-   each writes its slice's scaled scores (selection needs them) and an online-softmax partial (m, l, acc);
-2. reduce + select, one program per (sequence, KV head, new token): merges the partials into g_cmp·o_cmp
-   and its lse, turns the scores into p_cmp, folds them into block importance (eq. 9, summed over the
-   group: eq. 10) tile by tile, then ranks all blocks at once by a threshold search (forced blocks first,
-   ties to the lower index; no sort);
-3. sparse partials, one program per (sequence, KV head, chunk): a chunk is one selected-block slot (every
-   new token's block in that slot) or one BW-token tile of the window;
-4. combine: merges the selected and window partials and adds them, gated, to the compressed branch.
+1. compressed + window, split-K: a program either takes a slice of the compressed keys or one BW-token
+   tile of the window, and writes an online-softmax partial (m, l, acc). A compressed program also folds
+   each tile's probabilities into block importance (eq. 9) with one small matrix product, relative to the
+   tile's running maximum, which it stores beside them (a block's terms come from its home tile and, at
+   most, the tile before: `_home`);
+2. select, one program per (sequence, KV head, new token, part of the blocks): merges the maxima and sums
+   of the compressed partials into each head's lse, turns the stored pieces into the group's importance
+   (eq. 10) and writes the part's top n blocks as sort keys (importance bits, then the block's index
+   reversed, so that ties go to the lower block; forced blocks get +inf);
+3. selected partials, one program per (sequence, KV head, slot): merges the parts' keys into the top n
+   (exact: each part kept its own top n), takes its slot's block in ascending order and attends to it;
+4. combine, one program per (sequence, KV head, new token, slice of the value dimension): merges the three
+   branches' partials, gates and adds them.
 
 Caches are right-aligned (row S − L_b + p of k/v is token p of sequence b); compressed keys start at 0 per
 sequence. Nothing here syncs with the host, so a decode step can be captured in a CUDA graph.
@@ -28,14 +33,22 @@ from nsa_convert.spec import SparsityParams, num_compressed_blocks, num_selectio
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
+NO_BLOCK = tl.constexpr(2**31 - 1)
+"""Above every block index: sort keys store it minus the block, and unfilled slots sort last with it."""
 MAX_ROWS = 64
 """Rows (new tokens × group heads) per program; longer decodes are split into chunks of new tokens."""
 BC = 64
-"""Compressed keys per tile."""
+"""Compressed keys per tile (at least; more when a selection block's terms span more)."""
 BW = 64
 """Window keys per tile (one program each)."""
+PART = 128
+"""Blocks ranked per select program (at least; more when there would be over MAX_PARTS parts)."""
+MAX_PARTS = 8
+"""Most select programs per (sequence, KV head, new token): the slot programs merge parts × n keys."""
+DV_SLICE = 32
+"""Value columns per combine program."""
 TILE = 8192
-"""Elements of the 3-D tiles (importance terms, partial accumulators) one load takes."""
+"""Elements of the 3-D tiles (partial accumulators) one load takes."""
 MAX_SPLITS = 64
 """Most programs the compressed keys of one (sequence, KV head) are split over."""
 POISON = False
@@ -56,6 +69,18 @@ def _band_weight(k, R: tl.constexpr, QC: tl.constexpr):
 
 
 @triton.jit
+def _home(j, RATIO: tl.constexpr, BLOCK: tl.constexpr):
+    """The compressed tile holding block j's last term: its other terms lie there or in the tile before."""
+    return (RATIO * (j + 1) - 1) // BLOCK
+
+
+@triton.jit
+def _nvis(t, CSTRIDE: tl.constexpr, CSPAN: tl.constexpr):
+    """Compressed blocks visible to the token at position t."""
+    return tl.where(t + 1 >= CSPAN, (t + 1 - CSPAN) // CSTRIDE + 1, 0)
+
+
+@triton.jit
 def _online(m_i, l_i, acc, s, v):
     """One online-softmax step over scores s [R, N] (log2 domain, −inf masked) and values v [N, DV]."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -63,198 +88,59 @@ def _online(m_i, l_i, acc, s, v):
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
+    return m_new, l_i, acc, p
 
 
 @triton.jit
-def _merge_partials(PM, PL, PA, r, r_ok, c_lo, c_hi, sp_c, spa_c, spa_r, dv, DV: tl.constexpr, GP: tl.constexpr,
-                    CP: tl.constexpr, CCH: tl.constexpr, BDV: tl.constexpr):  # fmt: skip
-    """Merge the (m, l, acc) partials c_lo … c_hi − 1 (c_hi − c_lo ≤ CP) of rows r (pointers at this (b, h)).
+def _store_partial(PM, PL, PA, slot, r, row_ok, dv, m_i, l_i, acc, ROWS: tl.constexpr, BDV: tl.constexpr):
+    """Partial `slot` (flat over (sequence, KV head) × partials) of rows r."""
+    tl.store(PM + slot * ROWS + r, m_i, mask=row_ok)
+    tl.store(PL + slot * ROWS + r, l_i, mask=row_ok)
+    tl.store(PA + (slot * ROWS + r[:, None]) * BDV + dv[None, :], acc, mask=row_ok[:, None])
 
-    The maxima and sums of all partials are read at once; the accumulators CCH partials per load.
-    """
-    c = c_lo + tl.arange(0, CP)
-    ok = (c < c_hi)[:, None] & r_ok[None, :]
-    m_all = tl.load(PM + c[:, None] * sp_c + r[None, :], mask=ok, other=-1.0e30)
+
+@triton.jit
+def _merge_stats(PM, PL, first, count, r, r_ok, CP: tl.constexpr, ROWS: tl.constexpr):
+    """Maximum and sum (log2 domain) over partials first … first + count − 1 of rows r."""
+    c = tl.arange(0, CP)
+    ok = (c < count)[:, None] & r_ok[None, :]
+    at = (first + c)[:, None] * ROWS + r[None, :]
+    m_all = tl.load(PM + at, mask=ok, other=-1.0e30)
     m = tl.max(m_all, 0)
-    l_sum = tl.sum(
-        tl.load(PL + c[:, None] * sp_c + r[None, :], mask=ok, other=0.0) * tl.math.exp2(m_all - m[None, :]), 0
-    )
-    acc = tl.zeros([GP, BDV], tl.float32)
-    for c0 in range(c_lo, c_hi, CCH):
+    l_sum = tl.sum(tl.load(PL + at, mask=ok, other=0.0) * tl.math.exp2(m_all - m[None, :]), 0)
+    return m, l_sum
+
+
+@triton.jit
+def _merge_branch(PM, PL, PA, first, count, r, r_ok, dv, CP: tl.constexpr, CCH: tl.constexpr,
+                  GP: tl.constexpr, DVS: tl.constexpr, ROWS: tl.constexpr, BDV: tl.constexpr):  # fmt: skip
+    """(m, l, acc[:, dv]) of partials first … first + count − 1 merged; accumulators CCH partials per load."""
+    m, l_sum = _merge_stats(PM, PL, first, count, r, r_ok, CP, ROWS)
+    acc = tl.zeros([GP, DVS], tl.float32)
+    for c0 in range(0, count, CCH):
         cc = c0 + tl.arange(0, CCH)
-        ok2 = (cc < c_hi)[:, None] & r_ok[None, :]
-        m_c = tl.load(PM + cc[:, None] * sp_c + r[None, :], mask=ok2, other=-1.0e30)
-        a_c = tl.load(
-            PA + cc[:, None, None] * spa_c + r[None, :, None] * spa_r + dv[None, None, :],
-            mask=ok2[:, :, None] & (dv[None, None, :] < DV),
-            other=0.0,
-        )
+        ok = (cc < count)[:, None] & r_ok[None, :]
+        at = (first + cc)[:, None] * ROWS + r[None, :]
+        m_c = tl.load(PM + at, mask=ok, other=-1.0e30)
+        a_c = tl.load(PA + at[:, :, None] * BDV + dv[None, None, :], mask=ok[:, :, None], other=0.0)
         acc += tl.sum(a_c * tl.math.exp2(m_c - m[None, :])[:, :, None], 0)
     return m, l_sum, acc
 
 
 @triton.jit
-def _cmp_partial_kernel(
-    Q, KC, VC, LENS, SC, PM, PL, PA,
-    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
-    ssc_bh, ssc_r, sp_bh, sp_s, spa_bh, spa_s, spa_r,
-    n_new, split_len, tc_bound, scale_log2,
+def _cmp_window_kernel(
+    Q, KC, VC, KW, VW, LENS, U, USP, MT, PM, PL, PA, PM2, PL2, PA2,
+    sq_b, sq_t, sq_h, skc_b, skc_t, skc_h, svc_b, svc_t, svc_h, skw_b, skw_t, skw_h, svw_b, svw_t, svw_h,
+    su_bh, su_r, smt_bh, smt_t,
+    n_new, n_split, n_chunks, split_len, tc_bound, rows_w, scale_log2,
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, CSTRIDE: tl.constexpr, CSPAN: tl.constexpr,
-    BLOCK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    BLOCK: tl.constexpr, RATIO: tl.constexpr, QC: tl.constexpr, NW: tl.constexpr, TOPN: tl.constexpr,
+    WINDOW: tl.constexpr, BWIN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
+    BDV: tl.constexpr,
 ):  # fmt: skip
-    """Scores and an online-softmax partial over compressed keys split·split_len … of one (b, KV head)."""
+    """Program (b·HKV + h, i): compressed slice i (i < n_split) or window tile i − n_split of one (b, h)."""
     bh = tl.program_id(0)
-    split = tl.program_id(1)
-    b = bh // HKV
-    h = bh % HKV
-    length = tl.load(LENS + b)
-    r = tl.arange(0, ROWS)
-    j = r // GROUP
-    row_ok = j < n_new
-    t = length - n_new + j
-    nvis = tl.where(row_ok & (t + 1 >= CSPAN), (t + 1 - CSPAN) // CSTRIDE + 1, 0)
-    nvis = tl.minimum(nvis, tc_bound)
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, tl.max(nvis, 0))
-    dk = tl.arange(0, BDK)
-    dv = tl.arange(0, BDV)
-    b64 = b.to(tl.int64)
-    q = tl.load(
-        Q + b64 * sq_b + j[:, None] * sq_t + (h * GROUP + r % GROUP)[:, None] * sq_h + dk[None, :],
-        mask=row_ok[:, None] & (dk[None, :] < DK),
-        other=0.0,
-    )
-    m_i = tl.full([ROWS], -1.0e30, tl.float32)
-    l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, BDV], tl.float32)
-    k_base = KC + b64 * sk_b + h * sk_h
-    v_base = VC + b64 * sv_b + h * sv_h
-    sc_base = SC + bh.to(tl.int64) * ssc_bh
-    for c0 in range(lo, hi, BLOCK):
-        c = c0 + tl.arange(0, BLOCK)
-        c_ok = c < hi
-        kt = tl.load(
-            k_base + c[None, :].to(tl.int64) * sk_t + dk[:, None],
-            mask=c_ok[None, :] & (dk[:, None] < DK),
-            other=0.0,
-        )
-        s = tl.dot(q, kt) * scale_log2
-        s = tl.where(row_ok[:, None] & (c[None, :] < nvis[:, None]), s, float("-inf"))
-        tl.store(sc_base + r[:, None] * ssc_r + c[None, :], s, mask=row_ok[:, None] & c_ok[None, :])
-        vv = tl.load(
-            v_base + c[:, None].to(tl.int64) * sv_t + dv[None, :],
-            mask=c_ok[:, None] & (dv[None, :] < DV),
-            other=0.0,
-        )
-        m_i, l_i, acc = _online(m_i, l_i, acc, s, vv)
-    tl.store(PM + bh * sp_bh + split * sp_s + r, m_i, mask=row_ok)
-    tl.store(PL + bh * sp_bh + split * sp_s + r, l_i, mask=row_ok)
-    tl.store(
-        PA + bh * spa_bh + split * spa_s + r[:, None] * spa_r + dv[None, :],
-        acc,
-        mask=row_ok[:, None] & (dv[None, :] < DV),
-    )
-
-
-@triton.jit
-def _cmp_select_kernel(
-    SC, PM, PL, PA, GATE, LENS, ACC, LSE, IMP, IDX,
-    ssc_bh, ssc_r, sp_bh, sp_s, spa_bh, spa_s, spa_r,
-    sg_b, sg_t, sg_h, sa_b, sa_t, sa_h, sl_b, sl_t, sl_h, si_b, si_t, si_h,
-    n_new, n_split,
-    HKV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, CSTRIDE: tl.constexpr, CSPAN: tl.constexpr,
-    SEL: tl.constexpr, TOPN: tl.constexpr, TOPNP: tl.constexpr, RATIO: tl.constexpr, QC: tl.constexpr,
-    KWP: tl.constexpr, BLOCKS: tl.constexpr, NBP: tl.constexpr, CP: tl.constexpr, CCH: tl.constexpr,
-    DV: tl.constexpr, BDV: tl.constexpr,
-):  # fmt: skip
-    """g_cmp·o_cmp, lse_cmp and the top-n blocks of new token jq of one (b, KV head).
-
-    Block importance goes tile by tile into IMP (this program's row), then the whole row is ranked by
-    a 31-step search for the importance threshold of the n-th block (float bits are ordered like the
-    floats: importance is non-negative; forced blocks get +inf), ties going to the lower blocks.
-    """
-    bh = tl.program_id(0)
-    jq = tl.program_id(1)
-    b = bh // HKV
-    h = bh % HKV
-    t = tl.load(LENS + b) - n_new + jq
-    g = tl.arange(0, GP)
-    g_ok = g < GROUP
-    r = jq * GROUP + g
-    hq = h * GROUP + g
-    dv = tl.arange(0, BDV)
-    m, l_sum, acc = _merge_partials(
-        PM + bh * sp_bh, PL + bh * sp_bh, PA + bh * spa_bh, r, g_ok, 0, n_split, sp_s, spa_s, spa_r, dv, DV, GP,
-        CP, CCH, BDV,
-    )  # fmt: skip
-    nonempty = l_sum > 0
-    l_safe = tl.where(nonempty, l_sum, 1.0)
-    lse2 = tl.where(nonempty, m + tl.math.log2(l_safe), float("inf"))
-    gate = tl.load(GATE + b * sg_b + jq * sg_t + hq * sg_h, mask=g_ok, other=0.0).to(tl.float32)
-    tl.store(
-        ACC + b * sa_b + jq * sa_t + hq[:, None] * sa_h + dv[None, :],
-        acc * (gate / l_safe)[:, None],
-        mask=g_ok[:, None] & (dv[None, :] < DV),
-    )
-    tl.store(LSE + b * sl_b + jq * sl_t + hq * sl_h, tl.where(nonempty, lse2 * LN2, float("-inf")), mask=g_ok)
-
-    nvis = tl.where(t + 1 >= CSPAN, (t + 1 - CSPAN) // CSTRIDE + 1, 0)
-    cur = tl.where(t >= 0, t // SEL, -1)
-    kw = tl.arange(0, KWP)
-    wk = _band_weight(kw, RATIO, QC)
-    sc_base = SC + bh.to(tl.int64) * ssc_bh
-    imp_base = IMP + (bh * n_new + jq).to(tl.int64) * NBP
-    for j0 in range(0, cur + 1, BLOCKS):
-        jb = j0 + tl.arange(0, BLOCKS)
-        ci = RATIO * (jb[:, None] + 1) - 1 - kw[None, :]
-        c_ok = (ci >= 0) & (ci < nvis) & (wk[None, :] > 0)
-        sc = tl.load(
-            sc_base + r[:, None, None] * ssc_r + ci[None, :, :],
-            mask=g_ok[:, None, None] & c_ok[None, :, :],
-            other=float("-inf"),
-        )
-        p_grp = tl.sum(tl.math.exp2(sc - lse2[:, None, None]), 0)
-        tl.store(imp_base + jb, tl.sum(p_grp * wk[None, :], 1), mask=jb <= cur)
-    tl.debug_barrier()
-    j = tl.arange(0, NBP)
-    cand = j <= cur
-    imp = tl.load(imp_base + j, mask=cand, other=0.0)
-    forced = (j == 0) | (j == cur) | (j == cur - 1)
-    bits = tl.where(cand, tl.where(forced, 0x7F800000, imp.to(tl.int32, bitcast=True)), -1)
-    lo = 0
-    hi = 0x7F800001
-    for _ in tl.static_range(31):
-        mid = lo + (hi - lo) // 2
-        enough = tl.sum((bits >= mid).to(tl.int32), 0) >= TOPN
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid)
-    above = bits > lo
-    ties = bits == lo
-    need = TOPN - tl.sum(above.to(tl.int32), 0)
-    chosen = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= need))
-    chosen = tl.where(tl.sum(cand.to(tl.int32), 0) <= TOPN, cand, chosen)
-    slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
-    idx_base = IDX + b * si_b + jq * si_t + h * si_h
-    tl.store(idx_base + slot, j.to(tl.int64), mask=chosen)
-    s = tl.arange(0, TOPNP)
-    count = tl.sum(chosen.to(tl.int32), 0)
-    tl.store(idx_base + s, tl.full([TOPNP], -1, tl.int64), mask=(s >= count) & (s < TOPN))
-
-
-@triton.jit
-def _sparse_partial_kernel(
-    Q, K, V, KW, VW, IDX, LENS, PM, PL, PA,
-    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, skw_b, skw_t, skw_h, svw_b, svw_t, svw_h,
-    si_b, si_t, si_h, sp_bh, sp_c, spa_bh, spa_c, spa_r,
-    n_new, rows_k, rows_w, scale_log2,
-    HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr,
-    TOPN: tl.constexpr, WINDOW: tl.constexpr, BWIN: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-):  # fmt: skip
-    """Partial of chunk c of one (b, KV head): selected-block slot c (c < TOPN) or window tile c − TOPN."""
-    bh = tl.program_id(0)
-    c = tl.program_id(1)
+    pid = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV
     length = tl.load(LENS + b)
@@ -273,31 +159,43 @@ def _sparse_partial_kernel(
     m_i = tl.full([ROWS], -1.0e30, tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BDV], tl.float32)
-    if c < TOPN:
-        kb = tl.arange(0, BS)
-        k_base = K + b64 * sk_b + h * sk_h
-        v_base = V + b64 * sv_b + h * sv_h
-        for jq in range(n_new):
-            blk = tl.load(IDX + b * si_b + jq * si_t + h * si_h + c)
-            if blk >= 0:
-                p = blk * SEL + kb
-                p_ok = (kb < SEL) & (p <= length - n_new + jq)
-                row = (rows_k - length + p).to(tl.int64)
-                kt = tl.load(
-                    k_base + row[None, :] * sk_t + dk[:, None],
-                    mask=p_ok[None, :] & (dk[:, None] < DK),
-                    other=0.0,
-                )
-                vv = tl.load(
-                    v_base + row[:, None] * sv_t + dv[None, :],
-                    mask=p_ok[:, None] & (dv[None, :] < DV),
-                    other=0.0,
-                )
-                s = tl.dot(q, kt) * scale_log2
-                s = tl.where((row_ok & (jr == jq))[:, None] & p_ok[None, :], s, float("-inf"))
-                m_i, l_i, acc = _online(m_i, l_i, acc, s, vv)
+    if pid < n_split:
+        nvis = tl.minimum(tl.where(row_ok, _nvis(t, CSTRIDE, CSPAN), 0), tc_bound)
+        lo = pid * split_len
+        hi = tl.minimum(lo + split_len, tl.max(nvis, 0))
+        k_base = KC + b64 * skc_b + h * skc_h
+        v_base = VC + b64 * svc_b + h * svc_h
+        jl = tl.arange(0, NW)
+        for c0 in range(lo, hi, BLOCK):
+            c = c0 + tl.arange(0, BLOCK)
+            c_ok = c < hi
+            kt = tl.load(
+                k_base + c[None, :].to(tl.int64) * skc_t + dk[:, None],
+                mask=c_ok[None, :] & (dk[:, None] < DK),
+                other=0.0,
+            )
+            vv = tl.load(
+                v_base + c[:, None].to(tl.int64) * svc_t + dv[None, :],
+                mask=c_ok[:, None] & (dv[None, :] < DV),
+                other=0.0,
+            )
+            s = tl.dot(q, kt) * scale_log2
+            s = tl.where(c[None, :] < nvis[:, None], s, float("-inf"))
+            m_i, l_i, acc, p = _online(m_i, l_i, acc, s, vv)
+            # Blocks with terms in this tile: those whose home it is, then the next tile's first ones.
+            tile = c0 // BLOCK
+            jb = (c0 + RATIO) // RATIO - 1 + jl
+            w = _band_weight(RATIO * (jb[None, :] + 1) - 1 - c[:, None], RATIO, QC)
+            u = tl.dot(p, w, input_precision="ieee")
+            home = _home(jb, RATIO, BLOCK)
+            at = bh * su_bh + r[:, None] * su_r + jb[None, :]
+            tl.store(U + at, u, mask=row_ok[:, None] & (home == tile)[None, :])
+            tl.store(USP + at, u, mask=row_ok[:, None] & (home == tile + 1)[None, :])
+            tl.store(MT + bh * smt_bh + tile * smt_t + r, m_i, mask=row_ok)
+        _store_partial(PM, PL, PA, bh * n_split + pid, r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
     else:
-        p = tl.maximum(length - n_new - WINDOW + 1, 0) + (c - TOPN) * BWIN + tl.arange(0, BWIN)
+        chunk = TOPN + pid - n_split
+        p = tl.maximum(length - n_new - WINDOW + 1, 0) + (pid - n_split) * BWIN + tl.arange(0, BWIN)
         p_ok = p < length
         row = (rows_w - length + p).to(tl.int64)
         kt = tl.load(
@@ -314,54 +212,158 @@ def _sparse_partial_kernel(
         vis = (
             row_ok[:, None] & p_ok[None, :] & (p[None, :] <= t[:, None]) & (p[None, :] > t[:, None] - WINDOW)
         )
-        m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(vis, s, float("-inf")), vv)
-    tl.store(PM + bh * sp_bh + c * sp_c + r, m_i, mask=row_ok)
-    tl.store(PL + bh * sp_bh + c * sp_c + r, l_i, mask=row_ok)
-    tl.store(
-        PA + bh * spa_bh + c * spa_c + r[:, None] * spa_r + dv[None, :],
-        acc,
-        mask=row_ok[:, None] & (dv[None, :] < DV),
+        m_i, l_i, acc, _ = _online(m_i, l_i, acc, tl.where(vis, s, float("-inf")), vv)
+        _store_partial(PM2, PL2, PA2, bh * n_chunks + chunk, r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
+
+
+@triton.jit
+def _select_kernel(
+    U, USP, MT, PM, PL, LENS, KEYS,
+    su_bh, su_r, smt_bh, smt_t,
+    n_new, n_split, tc_bound,
+    HKV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, CSTRIDE: tl.constexpr,
+    CSPAN: tl.constexpr, SEL: tl.constexpr, BLOCK: tl.constexpr, RATIO: tl.constexpr, PB: tl.constexpr,
+    NPART: tl.constexpr, TOPNP: tl.constexpr, CP: tl.constexpr,
+):  # fmt: skip
+    """The top TOPNP blocks, as sort keys, among blocks part·PB … of new token jq of one (b, KV head)."""
+    bh = tl.program_id(0)
+    jq = tl.program_id(1)
+    part = tl.program_id(2)
+    b = bh // HKV
+    length = tl.load(LENS + b)
+    t = length - n_new + jq
+    g = tl.arange(0, GP)
+    g_ok = g < GROUP
+    r = jq * GROUP + g
+    m, l_sum = _merge_stats(PM + bh * n_split * ROWS, PL + bh * n_split * ROWS, 0, n_split, r, g_ok, CP, ROWS)
+    lse2 = tl.where(l_sum > 0, m + tl.math.log2(tl.where(l_sum > 0, l_sum, 1.0)), float("inf"))
+    tiles = tl.cdiv(tl.minimum(_nvis(length - 1, CSTRIDE, CSPAN), tc_bound), BLOCK)
+    cur = tl.where(t >= 0, t // SEL, -1)
+    j = part * PB + tl.arange(0, PB)
+    cand = j <= cur
+    home = _home(j, RATIO, BLOCK)
+    at = bh * su_bh + r[:, None] * su_r + j[None, :]
+    ok = g_ok[:, None] & (cand & (home < tiles))[None, :]
+    u = tl.load(U + at, mask=ok, other=0.0)
+    m_t = tl.load(MT + bh * smt_bh + home[None, :] * smt_t + r[:, None], mask=ok, other=float("-inf"))
+    imp = u * tl.math.exp2(m_t - lse2[:, None])
+    ok = g_ok[:, None] & (cand & (home >= 1) & (home <= tiles))[None, :]
+    u = tl.load(USP + at, mask=ok, other=0.0)
+    m_t = tl.load(MT + bh * smt_bh + (home[None, :] - 1) * smt_t + r[:, None], mask=ok, other=float("-inf"))
+    imp = tl.sum(imp + u * tl.math.exp2(m_t - lse2[:, None]), 0)
+    forced = (j == 0) | (j == cur) | (j == cur - 1)
+    bits = tl.where(forced, 0x7F800000, imp.to(tl.int32, bitcast=True)).to(tl.int64)
+    key = tl.where(cand, (bits << 32) | (-j + NO_BLOCK).to(tl.int64), -1)
+    top = tl.sort(key, descending=True)
+    pos = tl.arange(0, PB)
+    tl.store(KEYS + ((bh * n_new + jq) * NPART + part) * TOPNP + pos, top, mask=pos < TOPNP)
+
+
+@triton.jit
+def _selected_kernel(
+    Q, K, V, KEYS, LENS, IDX, PM2, PL2, PA2,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, si_b, si_t, si_h,
+    n_new, n_chunks, rows_k, scale_log2,
+    HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr,
+    TOPN: tl.constexpr, NKEYS: tl.constexpr, NKEYSP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr,
+):  # fmt: skip
+    """Slot c of one (b, KV head): the c-th lowest of the top-n blocks of each new token, and its partial."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    length = tl.load(LENS + b)
+    r = tl.arange(0, ROWS)
+    jr = r // GROUP
+    row_ok = jr < n_new
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    b64 = b.to(tl.int64)
+    q = tl.load(
+        Q + b64 * sq_b + jr[:, None] * sq_t + (h * GROUP + r % GROUP)[:, None] * sq_h + dk[None, :],
+        mask=row_ok[:, None] & (dk[None, :] < DK),
+        other=0.0,
     )
+    m_i = tl.full([ROWS], -1.0e30, tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BDV], tl.float32)
+    kb = tl.arange(0, BS)
+    k_base = K + b64 * sk_b + h * sk_h
+    v_base = V + b64 * sv_b + h * sv_h
+    pos = tl.arange(0, NKEYSP)
+    for jq in range(n_new):
+        keys = tl.load(KEYS + (bh * n_new + jq) * NKEYS + pos, mask=pos < NKEYS, other=-1)
+        top = tl.sort(keys, descending=True)
+        chosen = tl.where((pos < TOPN) & (top >= 0), -(top & 0xFFFFFFFF) + NO_BLOCK, NO_BLOCK)
+        blk = tl.sum(tl.where(pos == c, tl.sort(chosen), 0), 0)
+        blk = tl.where(blk == NO_BLOCK, -1, blk)
+        tl.store(IDX + b * si_b + jq * si_t + h * si_h + c, blk)
+        if blk >= 0:
+            p = blk * SEL + kb
+            p_ok = (kb < SEL) & (p <= length - n_new + jq)
+            row = rows_k - length + p
+            kt = tl.load(
+                k_base + row[None, :] * sk_t + dk[:, None],
+                mask=p_ok[None, :] & (dk[:, None] < DK),
+                other=0.0,
+            )
+            vv = tl.load(
+                v_base + row[:, None] * sv_t + dv[None, :],
+                mask=p_ok[:, None] & (dv[None, :] < DV),
+                other=0.0,
+            )
+            s = tl.dot(q, kt) * scale_log2
+            s = tl.where((row_ok & (jr == jq))[:, None] & p_ok[None, :], s, float("-inf"))
+            m_i, l_i, acc, _ = _online(m_i, l_i, acc, s, vv)
+    _store_partial(PM2, PL2, PA2, bh * n_chunks + c, r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
 
 
 @triton.jit
 def _combine_kernel(
-    PM, PL, PA, GATE, ACC, OUT, LSE,
-    sp_bh, sp_c, spa_bh, spa_c, spa_r,
-    sg_b, sg_t, sg_h, sa_b, sa_t, sa_h, so_b, so_t, so_h, sl_b, sl_t, sl_h,
-    n_new, n_chunks,
-    HKV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, TOPN: tl.constexpr, CP: tl.constexpr,
-    CCH: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
+    PM, PL, PA, PM2, PL2, PA2, GATE, OUT, LSE,
+    sg_b, sg_t, sg_h, so_b, so_t, so_h, sl_b, sl_t, sl_h,
+    n_split, n_chunks,
+    HKV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, TOPN: tl.constexpr,
+    CP0: tl.constexpr, CCH0: tl.constexpr, CP1: tl.constexpr, CCH1: tl.constexpr, CP2: tl.constexpr,
+    CCH2: tl.constexpr, DV: tl.constexpr, DVS: tl.constexpr, BDV: tl.constexpr,
 ):  # fmt: skip
-    """out = g_cmp·o_cmp + g_slc·o_slc + g_win·o_win for new token jq of one (b, KV head)."""
+    """out[:, dv] = g_cmp·o_cmp + g_slc·o_slc + g_win·o_win for new token jq of one (b, KV head)."""
     bh = tl.program_id(0)
     jq = tl.program_id(1)
+    dv = tl.program_id(2) * DVS + tl.arange(0, DVS)
     b = bh // HKV
     h = bh % HKV
     g = tl.arange(0, GP)
     g_ok = g < GROUP
     r = jq * GROUP + g
     hq = h * GROUP + g
-    dv = tl.arange(0, BDV)
-    omask = g_ok[:, None] & (dv[None, :] < DV)
-    out = tl.load(ACC + b * sa_b + jq * sa_t + hq[:, None] * sa_h + dv[None, :], mask=omask, other=0.0)
-    for branch in tl.static_range(1, 3):
-        c_lo = (branch - 1) * TOPN
-        c_hi = TOPN + (branch - 1) * (n_chunks - TOPN)
-        m, l_sum, acc = _merge_partials(
-            PM + bh * sp_bh, PL + bh * sp_bh, PA + bh * spa_bh, r, g_ok, c_lo, c_hi, sp_c, spa_c, spa_r, dv, DV, GP,
-            CP, CCH, BDV,
-        )  # fmt: skip
+    out = tl.zeros([GP, DVS], tl.float32)
+    for branch in tl.static_range(3):
+        if branch == 0:
+            m, l_sum, acc = _merge_branch(
+                PM, PL, PA, bh * n_split, n_split, r, g_ok, dv, CP0, CCH0, GP, DVS, ROWS, BDV
+            )
+        elif branch == 1:
+            m, l_sum, acc = _merge_branch(
+                PM2, PL2, PA2, bh * n_chunks, TOPN, r, g_ok, dv, CP1, CCH1, GP, DVS, ROWS, BDV
+            )
+        else:
+            m, l_sum, acc = _merge_branch(
+                PM2, PL2, PA2, bh * n_chunks + TOPN, n_chunks - TOPN, r, g_ok, dv, CP2, CCH2, GP, DVS, ROWS,
+                BDV,
+            )  # fmt: skip
         nonempty = l_sum > 0
         l_safe = tl.where(nonempty, l_sum, 1.0)
         gate = tl.load(GATE + b * sg_b + jq * sg_t + hq * sg_h + branch, mask=g_ok, other=0.0).to(tl.float32)
         out += acc * (gate / l_safe)[:, None]
         lse = tl.where(nonempty, (m + tl.math.log2(l_safe)) * LN2, float("-inf"))
-        tl.store(LSE + b * sl_b + jq * sl_t + hq * sl_h + branch, lse, mask=g_ok)
+        if tl.program_id(2) == 0:
+            tl.store(LSE + b * sl_b + jq * sl_t + hq * sl_h + branch, lse, mask=g_ok)
     tl.store(
         OUT + b * so_b + jq * so_t + hq[:, None] * so_h + dv[None, :],
         out.to(OUT.dtype.element_ty),
-        mask=omask,
+        mask=g_ok[:, None] & (dv[None, :] < DV),
     )
 
 
@@ -382,80 +384,81 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     hkv, dv, rows_k = k.shape[2], v.shape[3], k.shape[1]
     group = hq // hkv
     device = q.device
-    rows = n * group
-    rows_p = max(16, triton.next_power_of_2(rows))
+    rows_p = max(16, triton.next_power_of_2(n * group))
     gp = triton.next_power_of_2(group)
     bdk, bdv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
     length, stride, block = params.compress_block, params.compress_stride, params.block_size
+    top_n = params.top_n
+    ratio, per_cmp = block // stride, length // stride
+    bc = max(BC, triton.next_power_of_2(ratio + per_cmp - 1))
+    nw = triton.next_power_of_2(max(16, triton.cdiv(bc, ratio) + triton.cdiv(per_cmp - 1, ratio) + 1))
     tc_bound = min(k_cmp.shape[1], num_compressed_blocks(rows_k, length, stride))
     if k_cmp.shape[1] == 0:
         k_cmp = q.new_zeros(batch, 1, hkv, dk)
         v_cmp = q.new_zeros(batch, 1, hkv, dv)
-    tiles = triton.cdiv(tc_bound, BC)
+    tiles = max(1, triton.cdiv(tc_bound, bc))
     n_split = max(1, min(tiles, MAX_SPLITS, triton.cdiv(2 * _sm_count(device), batch * hkv)))
-    split_len = max(1, triton.cdiv(tiles, n_split)) * BC
+    split_len = triton.cdiv(tiles, n_split) * bc
     n_split = max(1, triton.cdiv(tc_bound, split_len))
+    n_win = triton.cdiv(params.window + n - 1, BW)
+    n_chunks = top_n + n_win
     f32 = dict(dtype=torch.float32, device=device)
-    scores = _empty(batch * hkv, rows, max(1, tc_bound), **f32)
-    pm = _empty(batch * hkv, n_split, rows, **f32)
-    pl = _empty(batch * hkv, n_split, rows, **f32)
-    pa = _empty(batch * hkv, n_split, rows, dv, **f32)
-    warps = 4
-    _cmp_partial_kernel[(batch * hkv, n_split)](
-        q, k_cmp, v_cmp, lens, scores, pm, pl, pa,
-        q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
-        v_cmp.stride(0), v_cmp.stride(1), v_cmp.stride(2),
-        scores.stride(0), scores.stride(1), pm.stride(0), pm.stride(1), pa.stride(0), pa.stride(1), pa.stride(2),
-        n, split_len, tc_bound, params.scale * LOG2E,
-        HKV=hkv, GROUP=group, ROWS=rows_p, CSTRIDE=stride, CSPAN=length, BLOCK=BC, DK=dk, DV=dv, BDK=bdk, BDV=bdv,
-        num_warps=warps,
-    )  # fmt: skip
-    acc = _empty(batch, n, hq, dv, **f32)
-    lse = _empty(batch, n, hq, 3, **f32)
-    indices = _empty(batch, n, hkv, params.top_n, dtype=torch.int64, device=device)
-    ratio, per_cmp = block // stride, length // stride
-    kwp = triton.next_power_of_2(ratio + per_cmp - 1)
-    nbp = triton.next_power_of_2(max(1, num_selection_blocks(rows_k, block)))
-    importance = _empty(batch * hkv * n, nbp, **f32)
-    cp = triton.next_power_of_2(n_split)
-    _cmp_select_kernel[(batch * hkv, n)](
-        scores, pm, pl, pa, gates, lens, acc, lse, importance, indices,
-        scores.stride(0), scores.stride(1), pm.stride(0), pm.stride(1), pa.stride(0), pa.stride(1), pa.stride(2),
-        gates.stride(0), gates.stride(1), gates.stride(2), acc.stride(0), acc.stride(1), acc.stride(2),
-        lse.stride(0), lse.stride(1), lse.stride(2), indices.stride(0), indices.stride(1), indices.stride(2),
-        n, n_split,
-        HKV=hkv, GROUP=group, GP=gp, CSTRIDE=stride, CSPAN=length, SEL=block, TOPN=params.top_n,
-        TOPNP=triton.next_power_of_2(params.top_n), RATIO=ratio, QC=per_cmp, KWP=kwp,
-        BLOCKS=max(16, min(nbp, TILE // (gp * kwp))), NBP=nbp, CP=cp, CCH=_chunk(cp, gp, bdv), DV=dv, BDV=bdv,
-        num_warps=max(warps, min(16, nbp // 256)),
-    )  # fmt: skip
+    pieces = [_empty(batch * hkv, rows_p, triton.cdiv(tiles * bc, ratio) + nw, **f32) for _ in range(2)]
+    tile_max = _empty(batch * hkv, tiles, rows_p, **f32)
+    pm, pl = (_empty(batch * hkv, n_split, rows_p, **f32) for _ in range(2))
+    pa = _empty(batch * hkv, n_split, rows_p, bdv, **f32)
+    pm2, pl2 = (_empty(batch * hkv, n_chunks, rows_p, **f32) for _ in range(2))
+    pa2 = _empty(batch * hkv, n_chunks, rows_p, bdv, **f32)
     k_win = k if k_win is None else k_win
     v_win = v if v_win is None else v_win
-    n_chunks = params.top_n + triton.cdiv(params.window + n - 1, BW)
-    pm2 = _empty(batch * hkv, n_chunks, rows, **f32)
-    pl2 = _empty(batch * hkv, n_chunks, rows, **f32)
-    pa2 = _empty(batch * hkv, n_chunks, rows, dv, **f32)
-    _sparse_partial_kernel[(batch * hkv, n_chunks)](
-        q, k, v, k_win, v_win, indices, lens, pm2, pl2, pa2,
+    scale_log2 = params.scale * LOG2E
+    _cmp_window_kernel[(batch * hkv, n_split + n_win)](
+        q, k_cmp, v_cmp, k_win, v_win, lens, *pieces, tile_max, pm, pl, pa, pm2, pl2, pa2,
+        q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
+        v_cmp.stride(0), v_cmp.stride(1), v_cmp.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
+        v_win.stride(0), v_win.stride(1), v_win.stride(2),
+        pieces[0].stride(0), pieces[0].stride(1), tile_max.stride(0), tile_max.stride(1),
+        n, n_split, n_chunks, split_len, tc_bound, k_win.shape[1], scale_log2,
+        HKV=hkv, GROUP=group, ROWS=rows_p, CSTRIDE=stride, CSPAN=length, BLOCK=bc, RATIO=ratio, QC=per_cmp,
+        NW=nw, TOPN=top_n, WINDOW=params.window, BWIN=BW, DK=dk, DV=dv, BDK=bdk, BDV=bdv,
+        num_warps=4,
+    )  # fmt: skip
+    blocks = max(1, num_selection_blocks(rows_k, block))
+    top_np = triton.next_power_of_2(top_n)
+    part = max(PART, top_np, triton.next_power_of_2(triton.cdiv(blocks, MAX_PARTS)))
+    parts = triton.cdiv(blocks, part)
+    keys = _empty(batch * hkv, n, parts, top_np, dtype=torch.int64, device=device)
+    _select_kernel[(batch * hkv, n, parts)](
+        *pieces, tile_max, pm, pl, lens, keys,
+        pieces[0].stride(0), pieces[0].stride(1), tile_max.stride(0), tile_max.stride(1),
+        n, n_split, tc_bound,
+        HKV=hkv, GROUP=group, GP=gp, ROWS=rows_p, CSTRIDE=stride, CSPAN=length, SEL=block, BLOCK=bc,
+        RATIO=ratio, PB=part, NPART=parts, TOPNP=top_np, CP=triton.next_power_of_2(n_split),
+        num_warps=4,
+    )  # fmt: skip
+    indices = _empty(batch, n, hkv, top_n, dtype=torch.int64, device=device)
+    _selected_kernel[(batch * hkv, top_n)](
+        q, k, v, keys, lens, indices, pm2, pl2, pa2,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2), v_win.stride(0), v_win.stride(1),
-        v_win.stride(2), indices.stride(0), indices.stride(1), indices.stride(2),
-        pm2.stride(0), pm2.stride(1), pa2.stride(0), pa2.stride(1), pa2.stride(2),
-        n, rows_k, k_win.shape[1], params.scale * LOG2E,
-        HKV=hkv, GROUP=group, ROWS=rows_p, SEL=block, BS=max(16, triton.next_power_of_2(block)),
-        TOPN=params.top_n, WINDOW=params.window, BWIN=BW, DK=dk, DV=dv, BDK=bdk, BDV=bdv,
-        num_warps=warps,
+        v.stride(2), indices.stride(0), indices.stride(1), indices.stride(2),
+        n, n_chunks, rows_k, scale_log2,
+        HKV=hkv, GROUP=group, ROWS=rows_p, SEL=block, BS=max(16, triton.next_power_of_2(block)), TOPN=top_n,
+        NKEYS=parts * top_np, NKEYSP=triton.next_power_of_2(parts * top_np), DK=dk, DV=dv, BDK=bdk, BDV=bdv,
+        num_warps=4,
     )  # fmt: skip
     out = _empty(batch, n, hq, dv, dtype=q.dtype, device=device)
-    cp2 = triton.next_power_of_2(max(params.top_n, n_chunks - params.top_n))
-    _combine_kernel[(batch * hkv, n)](
-        pm2, pl2, pa2, gates, acc, out, lse,
-        pm2.stride(0), pm2.stride(1), pa2.stride(0), pa2.stride(1), pa2.stride(2),
-        gates.stride(0), gates.stride(1), gates.stride(2), acc.stride(0), acc.stride(1), acc.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-        n, n_chunks,
-        HKV=hkv, GROUP=group, GP=gp, TOPN=params.top_n, CP=cp2, CCH=_chunk(cp2, gp, bdv), DV=dv, BDV=bdv,
-        num_warps=warps,
+    lse = _empty(batch, n, hq, 3, **f32)
+    dvs = min(DV_SLICE, bdv)
+    cps = [triton.next_power_of_2(count) for count in (n_split, top_n, n_win)]
+    _combine_kernel[(batch * hkv, n, triton.cdiv(dv, dvs))](
+        pm, pl, pa, pm2, pl2, pa2, gates, out, lse,
+        gates.stride(0), gates.stride(1), gates.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        n_split, n_chunks,
+        HKV=hkv, GROUP=group, GP=gp, ROWS=rows_p, TOPN=top_n,
+        CP0=cps[0], CCH0=_chunk(cps[0], gp, dvs), CP1=cps[1], CCH1=_chunk(cps[1], gp, dvs), CP2=cps[2],
+        CCH2=_chunk(cps[2], gp, dvs), DV=dv, DVS=dvs, BDV=bdv,
+        num_warps=4,
     )  # fmt: skip
     return out, lse, indices
 
