@@ -118,7 +118,7 @@ def select_kernel(
     RATIO = l'/d compressed entries per selection block (RP its power-of-two pad), QC = l/d, SPILL = how
     many later blocks one tile's entries reach past the tile (static), BJ = blocks per tile = running size.
     """
-    pid = tl.program_id(0)
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)  # longest first: work grows with t
     h = tl.program_id(1)
     b = tl.program_id(2)
     q_start = tl.load(CU_Q + b)
