@@ -16,6 +16,7 @@ from nsa_convert.kernels import (
     nsa_forward,
     nsa_forward_varlen,
     select_blocks,
+    selection,
 )
 from nsa_convert.spec import SparsityParams, num_compressed_blocks
 
@@ -173,6 +174,15 @@ def test_select_blocks_matches_forward_selection(rng):
     _, _, idx_fwd = nsa_forward(**x, params=p)
     assert torch.equal(idx, idx_fwd)
     assert idx.dtype == torch.int64 and idx.shape == (1, 90, 1, p.top_n)
+
+
+def test_selection_in_position_chunks_matches_reference(rng, monkeypatch):
+    """A score buffer of a few positions forces many chunks (long sequences take this path), two sequences."""
+    monkeypatch.setattr(selection, "SCORES_BYTES", 4 * 2 * 16 * 16)
+    x = _inputs(2, 150, 6, 2, 16, 16, SMALL, rng)
+    p = SMALL.resolved(16)
+    idx = select_blocks(x["q"], x["k_cmp"], p)
+    _check_selection(idx, x["q"], x["k_cmp"], p)
 
 
 def _grads(x, p, idx, do):

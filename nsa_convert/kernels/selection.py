@@ -1,19 +1,21 @@
-"""Block importance and top-n selection, fused with the compressed scores.
+"""Block importance and top-n selection, fused with the compressed scores, in two passes per chunk of positions.
 
-One program takes BT positions of one KV head with all G heads of its group (rows = BT × GP, the group padded
-to a power of two only here, because the group sum is a reshape). It walks the visible compressed keys in
-tiles aligned to BJ selection blocks, recomputes p_cmp = exp(scale·q·k_cmp − lse_cmp), sums it over the
-group, folds it into selection-block importance (spec eq. 9 as a banded convolution) and merges the tile into
-a running top-n list. Nothing of size T × Tc (or T × blocks) is written.
+Scores pass: one program takes BT positions of one KV head with all G heads of its group (rows = BT × GP, the
+group padded to a power of two only here, because the group sum is a reshape). It walks the visible
+compressed keys in tiles aligned to BJ selection blocks, recomputes p_cmp = exp(scale·q·k_cmp − lse_cmp),
+sums it over the group, folds it into selection-block importance (spec eq. 9 as a banded convolution) and
+writes one score per (position, block): +inf for forced blocks, −1 for non-candidates.
 
-Ranking: larger importance first, ties to the lower block id; forced blocks rank as +inf, non-candidates
-as −1. The running list merges a tile in one of two exact ways: by ranks (pairwise 32-bit comparisons, no
-serial rounds; used when a program holds ≤ 8 positions, e.g. G = 16) or by TOPN rounds of max-and-remove on
-int64 keys (importance bits high, 0x7fffffff − j low; cheaper for programs with many positions, e.g. G = 4).
+Top-n pass: per (position, head) row, the n-th largest score is found by a bitwise search on the scores'
+int32 bit patterns (ordered like the floats, all scores being ≥ 0 or −1), then the blocks above it and the
+lowest-id ties fill the n slots, written ascending. This replaced a running top-n merge after every tile,
+which cost 60% of the fused kernel. Scores are written for a chunk of positions at a time, so the buffer
+stays bounded at any length.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -38,85 +40,19 @@ def _shift_blocks(c, SHIFT: tl.constexpr, BJ: tl.constexpr):
 
 
 @triton.jit
-def _beats(va, ja, vb, jb):
-    """a ranks before b: larger importance, ties to the lower block id (ids in one row are distinct)."""
-    return (va > vb) | ((va == vb) & (ja < jb))
-
-
-@triton.jit
-def _merge_top(run_v, run_j, new_v, new_j):
-    """Top RN of running ∪ tile per row, sorted descending (running [BT, RN] is sorted descending).
-
-    Ranks instead of rounds: a running entry's rank in the union is its slot plus the tile entries that
-    beat it; a tile entry's is the running entries it does not beat (ids are distinct, so exactly one of
-    a, b beats the other) plus the tile entries that beat it. Slot s takes the entry of rank s. All
-    comparisons are 32-bit and independent: no serial max-and-remove rounds.
-    """
-    RN: tl.constexpr = run_v.shape[1]
-    x = _beats(new_v[:, :, None], new_j[:, :, None], run_v[:, None, :], run_j[:, None, :]).to(tl.int32)
-    y = _beats(new_v[:, :, None], new_j[:, :, None], new_v[:, None, :], new_j[:, None, :]).to(tl.int32)
-    rank_run = tl.arange(0, RN)[None, :] + tl.sum(x, 1)
-    rank_new = RN - tl.sum(x, 2) + tl.sum(y, 1)
-    slots = tl.arange(0, RN)[None, None, :]
-    hit_r = rank_run[:, :, None] == slots
-    hit_n = rank_new[:, :, None] == slots
-    out_v = tl.sum(tl.where(hit_r, run_v[:, :, None], 0.0), 1) + tl.sum(
-        tl.where(hit_n, new_v[:, :, None], 0.0), 1
-    )
-    out_j = tl.sum(tl.where(hit_r, run_j[:, :, None], 0), 1) + tl.sum(
-        tl.where(hit_n, new_j[:, :, None], 0), 1
-    )
-    return out_v, out_j
-
-
-@triton.jit
-def _merge_rounds(run_v, run_j, new_v, new_j, TOPN: tl.constexpr):
-    """The TOPN best of running ∪ tile per row by TOPN rounds of max-and-remove on int64 keys (importance
-    bits high, 0x7fffffff − j low; −1 for non-candidates), descending, (−1.0, 0) padded. Cheaper than the
-    rank merge when a program holds many positions (its pairwise tensors grow with BT·RN·RN)."""
-    run = tl.where(
-        run_v >= 0, (run_v.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0x7FFFFFFF - run_j), -1
-    )
-    key = tl.where(
-        new_v >= 0, (new_v.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0x7FFFFFFF - new_j), -1
-    )
-    slots = tl.arange(0, run.shape[1])[None, :]
-    top = tl.full(run.shape, -1, tl.int64)
-    gone = -(2**62)
-    for s in tl.static_range(TOPN):
-        best = tl.maximum(tl.max(run, 1), tl.max(key, 1))
-        top = tl.where(slots == s, best[:, None], top)
-        run = tl.where(run == best[:, None], gone, run)
-        key = tl.where(key == best[:, None], gone, key)
-    ok = top >= 0
-    out_v = tl.where(ok, (top >> 32).to(tl.int32).to(tl.float32, bitcast=True), -1.0)
-    out_j = tl.where(ok, 0x7FFFFFFF - (top & 0x7FFFFFFF).to(tl.int32), 0)
-    return out_v, out_j
-
-
-@triton.jit
-def _sort_ascending(x):
-    """Row-wise ascending sort of distinct int32 values [BT, R] by ranking (no tl.sort: it miscompiles
-    small 2-D shapes on Triton 3.6)."""
-    rank = tl.sum((x[:, None, :] < x[:, :, None]).to(tl.int32), 2)
-    slots = tl.arange(0, x.shape[1])[None, None, :]
-    return tl.sum(tl.where(rank[:, :, None] == slots, x[:, :, None], 0), 1)
-
-
-@triton.jit
-def select_kernel(
-    Q, KC, LSE, IDX, CU_Q, CU_K,
-    sq_t, sq_h, sk_t, sk_h, sl_t, sl_h, si_t, si_h,
-    scale_log2,
+def select_scores_kernel(
+    Q, KC, LSE, SC, CU_Q, CU_K,
+    sq_t, sq_h, sk_t, sk_h, sl_t, sl_h, sc_r, sc_h,
+    c0, chunk, scale_log2,
     GROUP: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
-    CSTRIDE: tl.constexpr, CSPAN: tl.constexpr, SEL: tl.constexpr, TOPN: tl.constexpr,
+    CSTRIDE: tl.constexpr, CSPAN: tl.constexpr, SEL: tl.constexpr,
     RATIO: tl.constexpr, RP: tl.constexpr, QC: tl.constexpr, SPILL: tl.constexpr,
-    BJ: tl.constexpr, RN: tl.constexpr, RANK_MERGE: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr,
+    BJ: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr,
 ):  # fmt: skip
-    """IDX[t, h, :TOPN] for BT positions: selected block ids, ascending, −1 padded.
+    """SC[b·chunk + t − c0, h, j] for BT positions t ≥ c0: the score of block j (j ≤ the last tile's blocks).
 
     RATIO = l'/d compressed entries per selection block (RP its power-of-two pad), QC = l/d, SPILL = how
-    many later blocks one tile's entries reach past the tile (static), BJ = blocks per tile = running size.
+    many later blocks one tile's entries reach past the tile (static), BJ = blocks per tile.
     """
     pid = tl.num_programs(0) - 1 - tl.program_id(0)  # longest first: work grows with t
     h = tl.program_id(1)
@@ -125,7 +61,7 @@ def select_kernel(
     T = tl.load(CU_Q + b + 1) - q_start
     k_start = tl.load(CU_K + b)
     Tk = tl.load(CU_K + b + 1) - k_start
-    t0 = pid * BT
+    t0 = c0 + pid * BT
     if t0 >= T:
         return
     rows = tl.arange(0, BT * GP)
@@ -153,9 +89,8 @@ def select_kernel(
     col_u = cols % RP
     u = tl.arange(0, RP)
     jj = tl.arange(0, BJ)
-    run_v = tl.full([BT, RN], -2.0, tl.float32)
-    run_j = 0x7FFFFFF0 - RN + tl.zeros([BT, RN], tl.int32) + tl.arange(0, RN)[None, :]
-    slot = tl.arange(0, RN)[None, :]
+    sc_row = SC + (b * chunk + tt - c0).to(tl.int64) * sc_r + h * sc_h
+    t_ok = (tt < T) & (tt - c0 < chunk)
     carry = tl.zeros([BT, BJ], tl.float32)
     kc_base = KC + h * sk_h
     for j0 in range(0, nb_hi, BJ):
@@ -179,26 +114,63 @@ def select_kernel(
             imp += inside
             carry += spill
         j = j0 + jj[None, :] + tl.zeros([BT, BJ], tl.int32)
-        cand = (j <= cur[:, None]) & (tt[:, None] < T)
+        cand = j <= cur[:, None]
         forced = (j == 0) | (j == cur[:, None]) | (j == cur[:, None] - 1)
         val = tl.where(cand, tl.where(forced, float("inf"), imp), -1.0)
-        kth_v = tl.sum(tl.where(slot == TOPN - 1, run_v, 0.0), 1)
-        kth_j = tl.sum(tl.where(slot == TOPN - 1, run_j, 0), 1)
-        if tl.max(_beats(val, j, kth_v[:, None], kth_j[:, None]).to(tl.int32)) > 0:
-            if RANK_MERGE:
-                run_v, run_j = _merge_top(run_v, run_j, val, j)
-            else:
-                run_v, run_j = _merge_rounds(run_v, run_j, val, j, TOPN)
-    big = 0x7FFFFFF0
-    chosen = tl.where((run_v >= 0) & (slot < TOPN), run_j, big + slot)
-    chosen = _sort_ascending(chosen)
-    chosen = tl.where(chosen >= big, -1, chosen)
-    out_tok = (q_start + tt).to(tl.int64)
+        tl.store(sc_row[:, None] + j, val, mask=t_ok[:, None])
+
+
+@triton.jit
+def select_topn_kernel(
+    SC, IDX, CU_Q, sc_r, sc_h, si_t, si_h, c0, chunk,
+    SEL: tl.constexpr, TOPN: tl.constexpr, RB: tl.constexpr, NBP: tl.constexpr, RN: tl.constexpr,
+):  # fmt: skip
+    """IDX[t, h, :TOPN] for RB positions t ≥ c0 from their scores: selected block ids, ascending, −1 padded."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(CU_Q + b)
+    T = tl.load(CU_Q + b + 1) - q_start
+    t = c0 + pid * RB + tl.arange(0, RB)
+    t_ok = (t < T) & (t - c0 < chunk)
+    j = tl.arange(0, NBP)
+    live = t_ok[:, None] & (j[None, :] <= (t // SEL)[:, None])
+    val = tl.load(SC + (b * chunk + t - c0).to(tl.int64)[:, None] * sc_r + h * sc_h + j[None, :], mask=live)
+    key = tl.where(live & (val >= 0), val.to(tl.int32, bitcast=True), -1)
+    # theta = the TOPN-th largest key: the largest value with at least TOPN keys ≥ it (0 if fewer candidates)
+    theta = tl.zeros([RB], tl.int32)
+    for i in tl.static_range(31):
+        trial = theta | (1 << (30 - i))
+        enough = tl.sum((key >= trial[:, None]).to(tl.int32), 1) >= TOPN
+        theta = tl.where(enough, trial, theta)
+    above = key > theta[:, None]
+    tie = key == theta[:, None]
+    need = TOPN - tl.sum(above.to(tl.int32), 1)
+    take = above | (tie & (tl.cumsum(tie.to(tl.int32), 1) <= need[:, None]))
+    slot = tl.cumsum(take.to(tl.int32), 1) - 1
+    tok = (q_start + t).to(tl.int64)
+    out = IDX + tok * si_t + h * si_h
+    tl.store(out[:, None] + slot, j[None, :] + tl.zeros([RB, NBP], tl.int32), mask=take)
+    n_taken = tl.sum(take.to(tl.int32), 1)
+    pad = tl.arange(0, RN)[None, :]
     tl.store(
-        IDX + out_tok[:, None] * si_t + h * si_h + slot,
-        chosen,
-        mask=(tt[:, None] < T) & (slot < TOPN),
+        out[:, None] + pad,
+        tl.full([RB, RN], -1, tl.int32),
+        mask=t_ok[:, None] & (pad >= n_taken[:, None]) & (pad < TOPN),
     )
+
+
+SCORES_BYTES = 1 << 30
+"""Bound on the score buffer of one chunk of positions (the chunk shrinks as sequences get longer); 1 GiB
+was 3–4% faster than 256 MiB at 64k (fewer chunk tails)."""
+
+
+def _scores_rows(gp: int, device: str) -> int:
+    """Rows (positions × padded group) per scores program, measured on the H100 (select at 64k, paper-G16 /
+    llama-G4): 64 rows 12.8 / 13.4 ms, 128 rows 12.5 / 13.6, 256 rows 14.3 / 14.3."""
+    if device != "cuda":
+        return 16
+    return 128 if gp >= 16 else 64
 
 
 def select_launch(q, k_cmp, lse_cmp, indices, cu_q, cu_k, max_len, params):
@@ -212,22 +184,28 @@ def select_launch(q, k_cmp, lse_cmp, indices, cu_q, cu_k, max_len, params):
     qc = params.compress_block // params.compress_stride
     spill = (ratio + qc - 2) // ratio
     bj = max(16, triton.next_power_of_2(spill + 1))
-    rn = max(16, triton.next_power_of_2(params.top_n))
-    # rows per program, measured on the H100 at 64k (NOTES.md): G16 64 rows (4 positions, rank merge) 35.8 ms
-    # vs 40.5 at 128; G4 256 rows (64 positions, round merge) 23.1 ms vs 37.0 at 128
-    rows = (64 if gp >= 16 else 256) if q.device.type == "cuda" else 16
-    bt = max(1, rows // gp)
+    gpu = q.device.type == "cuda"
+    bt = max(1, _scores_rows(gp, q.device.type) // gp)
     if bt * gp < 16:
         bt = 16 // gp
-    warps = 4 if q.device.type != "cuda" else (8 if bt * gp >= 128 else 4)
-    grid = (triton.cdiv(max_len, bt), hkv, n_seq)
-    select_kernel[grid](
-        q, k_cmp, lse_cmp, indices, cu_q, cu_k,
-        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
-        indices.stride(0), indices.stride(1),
-        params.scale * LOG2E,
-        GROUP=group, GP=gp, BT=bt, CSTRIDE=params.compress_stride, CSPAN=params.compress_block,
-        SEL=params.block_size, TOPN=params.top_n, RATIO=ratio, RP=triton.next_power_of_2(ratio),
-        QC=qc, SPILL=spill, BJ=bj, RN=rn, RANK_MERGE=bt <= 8, DK=dk, BDK=max(16, triton.next_power_of_2(dk)),
-        num_warps=warps, num_stages=2 if q.device.type == "cuda" else 1,
-    )  # fmt: skip
+    nbp = max(bj, triton.next_power_of_2(triton.cdiv(max(max_len, 1), params.block_size)))
+    rb = max(1, min(16, 4096 // nbp)) if gpu else 4
+    align = max(bt, rb)
+    chunk = max(align, SCORES_BYTES // (4 * n_seq * hkv * nbp) // align * align)
+    chunk = min(chunk, triton.cdiv(max_len, align) * align)
+    scores = torch.empty(n_seq * chunk, hkv, nbp, dtype=torch.float32, device=q.device)
+    for c0 in range(0, max_len, chunk):
+        select_scores_kernel[(triton.cdiv(min(chunk, max_len - c0), bt), hkv, n_seq)](
+            q, k_cmp, lse_cmp, scores, cu_q, cu_k,
+            q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse_cmp.stride(0), lse_cmp.stride(1),
+            scores.stride(0), scores.stride(1), c0, chunk, params.scale * LOG2E,
+            GROUP=group, GP=gp, BT=bt, CSTRIDE=params.compress_stride, CSPAN=params.compress_block,
+            SEL=params.block_size, RATIO=ratio, RP=triton.next_power_of_2(ratio), QC=qc, SPILL=spill, BJ=bj,
+            DK=dk, BDK=max(16, triton.next_power_of_2(dk)),
+            num_warps=8 if gpu and bt * gp >= 128 else 4, num_stages=2 if gpu else 1,
+        )  # fmt: skip
+        select_topn_kernel[(triton.cdiv(min(chunk, max_len - c0), rb), hkv, n_seq)](
+            scores, indices, cu_q, scores.stride(0), scores.stride(1), indices.stride(0), indices.stride(1),
+            c0, chunk, SEL=params.block_size, TOPN=params.top_n, RB=rb, NBP=nbp,
+            RN=max(16, triton.next_power_of_2(params.top_n)), num_warps=4,
+        )  # fmt: skip
