@@ -2,7 +2,8 @@
 
 The rewritten FX graph calls this module in place of the SDPA node; the eager model calls it from the
 attention function that `nsa_convert.nn.install` registers with transformers.  With a KV cache, a prefill
-runs `forward` (the training op) and fills the layer's `NSACacheLayer`; later calls run `decode`.
+runs `forward` (the training op) and fills the layer's `NSACacheLayer`; later calls run `decode`.  Packed
+documents (training on flattened batches) run `packed`, each document as if it were alone.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from torch import nn
 
 from nsa_convert.config import NSAConfig
 from nsa_convert.nn.cache import NSACacheLayer, nsa_cache_layer
-from nsa_convert.nn.compression import BlockCompressor
-from nsa_convert.ops import nsa_attention, nsa_decode
+from nsa_convert.nn.compression import BlockCompressor, packed_block_starts
+from nsa_convert.ops import nsa_attention, nsa_attention_varlen, nsa_decode
 from nsa_convert.sites import AttentionSite
 
 
@@ -22,6 +23,15 @@ def _shift_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     seq_len = x.shape[1]
     index = (torch.arange(seq_len, device=x.device)[None, :] + shift[:, None]).clamp(0, seq_len - 1)
     return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x))
+
+
+def _op_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype the op runs in: autocast's when autocast is on (SDPA's inputs are cast alike), else q's.
+
+    Under autocast q and k leave the rotary embedding in float32 while v leaves its projection in bf16.
+    """
+    device = query.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
 
 
 def _linear_like(linear: nn.Module) -> nn.Linear:
@@ -142,6 +152,19 @@ class NSAttention(nn.Module):
         batch, seq_len = hidden.shape[:2]
         return torch.sigmoid(self.gate(hidden).float()).view(batch, seq_len, self.num_q_heads, 3).to(dtype)
 
+    def _options(self) -> dict:
+        """The geometry, scale and backend keywords of the ops."""
+        params = self.params
+        return {
+            "block_size": params.block_size,
+            "top_n": params.top_n,
+            "window": params.window,
+            "compress_block": params.compress_block,
+            "compress_stride": params.compress_stride,
+            "scale": params.scale,
+            "backend": self.backend,
+        }
+
     def forward(
         self,
         query: torch.Tensor,
@@ -157,8 +180,10 @@ class NSAttention(nn.Module):
         NSA positions are its own), computed, and moved back, padding rows giving 0.  cache: the layer's
         NSACacheLayer, given the compressed K/V and padding for decoding after this prefill.
         """
+        dtype = _op_dtype(query)
+        query, key, value = (x.to(dtype) for x in (query, key, value))
         q = query.transpose(1, 2)
-        gates = self._gates(hidden, query.dtype)
+        gates = self._gates(hidden, dtype)
         k_win, k_cmp, k_slc = self._split(key)
         v_win, v_cmp, v_slc = self._split(value)
         if pads is not None:
@@ -177,19 +202,52 @@ class NSAttention(nn.Module):
             gates,
             k_win=k_win if self.independent else None,
             v_win=v_win if self.independent else None,
-            block_size=self.params.block_size,
-            top_n=self.params.top_n,
-            window=self.params.window,
-            compress_block=self.params.compress_block,
-            compress_stride=self.params.compress_stride,
-            scale=self.params.scale,
-            backend=self.backend,
+            **self._options(),
         )
         if pads is not None:
             out = _shift_rows(out, -pads)
             real = torch.arange(out.shape[1], device=out.device)[None, :] >= pads[:, None]
             out = torch.where(real[:, :, None, None], out, 0.0)
         return out.transpose(1, 2)
+
+    def packed(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        hidden: torch.Tensor,
+        documents: torch.Tensor,
+    ) -> torch.Tensor:
+        """Packed documents through the varlen op: each one compressed, selected and windowed as if alone.
+
+        Takes forward's tensors; documents (S + 1,) int: the documents' offsets in the B·T tokens read
+        row after row (flash-attention's cu_seqlens).
+        """
+        batch, _, seq_len, _ = query.shape
+        dtype = _op_dtype(query)
+        query, key, value = (x.to(dtype) for x in (query, key, value))
+
+        def flat(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(batch * seq_len, *x.shape[2:])
+
+        q = flat(query.transpose(1, 2))
+        gates = flat(self._gates(hidden, dtype))
+        k_win, k_cmp, k_slc = (flat(x) for x in self._split(key))
+        v_win, v_cmp, v_slc = (flat(x) for x in self._split(value))
+        starts = packed_block_starts(documents, self.params.compress_block, self.params.compress_stride)
+        out = nsa_attention_varlen(
+            q,
+            k_slc,
+            v_slc,
+            self.compress_k.packed(k_cmp, starts),
+            self.compress_v.packed(v_cmp, starts),
+            gates,
+            documents,
+            k_win=k_win if self.independent else None,
+            v_win=v_win if self.independent else None,
+            **self._options(),
+        )
+        return out.view(batch, seq_len, *out.shape[1:]).transpose(1, 2)
 
     def decode(self, query: torch.Tensor, hidden: torch.Tensor, cache: NSACacheLayer) -> torch.Tensor:
         """The newest tokens (query [B, Hq, n, Dk], already in `cache`) against the cache: [B, Hq, n, Dv].
@@ -210,12 +268,6 @@ class NSAttention(nn.Module):
             cache.seq_lens(),
             k_win=k_win,
             v_win=v_win,
-            block_size=self.params.block_size,
-            top_n=self.params.top_n,
-            window=self.params.window,
-            compress_block=self.params.compress_block,
-            compress_stride=self.params.compress_stride,
-            scale=self.params.scale,
-            backend=self.backend,
+            **self._options(),
         )
         return out.transpose(1, 2)

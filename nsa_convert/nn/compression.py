@@ -20,6 +20,21 @@ def gather_blocks(x: torch.Tensor, compress_block: int, compress_stride: int) ->
     return x[:, index].permute(0, 1, 3, 2, 4)
 
 
+def packed_block_starts(cu_seqlens: torch.Tensor, compress_block: int, compress_stride: int) -> torch.Tensor:
+    """First token of every compressed block of packed documents, document by document.
+
+    cu_seqlens (S + 1,) int: document offsets in the packed tokens.  Blocks never cross a document end,
+    so each document is compressed as if it were alone; its blocks come out contiguous, in order.
+    """
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    per_doc = torch.where(lengths >= compress_block, (lengths - compress_block) // compress_stride + 1, 0)
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), per_doc)
+    first_block = torch.cumsum(per_doc, 0) - per_doc
+    local = torch.arange(doc.shape[0], device=cu.device) - first_block[doc]
+    return cu[doc] + local * compress_stride
+
+
 class BlockCompressor(nn.Module):
     """φ(block) = mean(block + P) + fc2(act(fc1(flatten(block + P)))), shared by a layer's KV heads.
 
@@ -50,6 +65,15 @@ class BlockCompressor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, H, D] → [B, Tc, H, D]."""
-        blocks = gather_blocks(x, self.compress_block, self.compress_stride) + self.pos.to(x.dtype)
+        return self._compress(gather_blocks(x, self.compress_block, self.compress_stride))
+
+    def packed(self, x: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """Packed tokens x [N, H, D] and block starts (packed_block_starts) → packed blocks [Nc, H, D]."""
+        index = starts[:, None] + torch.arange(self.compress_block, device=x.device)[None, :]
+        return self._compress(x[index].transpose(1, 2))
+
+    def _compress(self, blocks: torch.Tensor) -> torch.Tensor:
+        """[..., H, l, D] blocks → [..., H, D]."""
+        blocks = blocks + self.pos.to(blocks.dtype)
         residual = self.fc2(F.silu(self.fc1(blocks.flatten(-2))))
         return blocks.mean(dim=-2) + residual

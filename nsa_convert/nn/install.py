@@ -50,6 +50,55 @@ def left_padding(mask: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Te
     return pads if bool(pads.any()) else None
 
 
+def packed_documents(
+    attention_mask: torch.Tensor | None,
+    batch: int,
+    q_len: int,
+    kv_len: int,
+    caching: bool,
+    kwargs: dict,
+) -> torch.Tensor | None:
+    """Offsets (S + 1,) int32 of the documents packed into a whole-sequence call, or None when not packed.
+
+    Sources, as transformers' own attention functions read them: flash-attention kwargs cu_seq_lens_q/k
+    (offsets in the B·T tokens, row after row), else position_ids that restart inside a row when no KV
+    cache is filled (what DataCollatorWithFlattening produces; transformers' mask functions then build
+    the block-diagonal causal mask, which must then be the mask passed).  Under torch.compile position
+    ids are not inspected (that needs their values).
+    """
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None:
+        if caching:
+            raise NotImplementedError("packed documents cannot fill a KV cache: call with use_cache=False")
+        if q_len != kv_len or (cu_k is not None and not torch.equal(cu_k, cu_q)):
+            raise ValueError("NSA layers take packed self-attention: cu_seq_lens_k must equal cu_seq_lens_q")
+        return cu_q.to(torch.int32)
+    position_ids = kwargs.get("position_ids")
+    if (
+        position_ids is None
+        or position_ids.dim() != 2
+        or caching
+        or q_len != kv_len
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+    ):
+        return None
+    position_ids = position_ids.expand(batch, q_len)
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if not bool(starts[:, 1:].any()):
+        return None
+    if attention_mask is not None:
+        document = starts.cumsum(dim=-1)
+        i = torch.arange(q_len, device=document.device)
+        expected = (document[:, :, None] == document[:, None, :]) & (i[None, :, None] >= i[None, None, :])
+        allowed = (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)[:, 0]
+        if not torch.equal(allowed.expand_as(expected), expected):
+            return None  # position ids of a left-padded batch, say: its mask decides
+    flat = starts.flatten().nonzero().flatten()
+    return torch.cat([flat, flat.new_tensor([batch * q_len])]).to(torch.int32)
+
+
 def nsa_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -63,8 +112,8 @@ def nsa_attention_forward(
     """transformers attention function: NSA for converted modules, SDPA for the rest.
 
     A converted module decodes from its NSACacheLayer once that holds earlier tokens (the attention mask is
-    then not read: the prefill's padding stands); otherwise it runs whole sequences, filling the cache
-    layer when there is one.
+    then not read: the prefill's padding stands); otherwise it runs packed documents one by one (see
+    packed_documents) or whole sequences, filling the cache layer when there is one.
     """
     nsa = getattr(module, "nsa", None)
     if not isinstance(nsa, NSAttention):
@@ -74,6 +123,12 @@ def nsa_attention_forward(
     hidden, cache = nsa.take_hidden(), nsa.take_cache_layer()
     if cache is not None and cache.decoding:
         out = nsa.decode(query, hidden, cache)
+    elif (
+        documents := packed_documents(
+            attention_mask, query.shape[0], query.shape[2], key.shape[2], cache is not None, kwargs
+        )
+    ) is not None:
+        out = nsa.packed(query, key, value, hidden, documents)
     else:
         pads = left_padding(attention_mask, query.shape[2], key.shape[2])
         out = nsa(query, key, value, hidden, pads=pads, cache=cache)

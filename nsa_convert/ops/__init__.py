@@ -3,6 +3,7 @@
 `nsa_convert::nsa_attention` returns (out, lse, indices) and dispatches to a backend: "reference"
 (`nsa_convert.reference`, any device) or "triton" (`nsa_convert.kernels`, CUDA).  Its backward is a second
 op, `nsa_convert::nsa_attention_backward`, so the backward is backend-specific and traceable as well.
+`nsa_convert::nsa_attention_varlen` (and its backward) is the same on packed documents, each computed alone;
 `nsa_convert::select_blocks` exposes the block selection alone; `nsa_convert::nsa_decode` is the decoding
 path (the last few tokens of each sequence against a KV cache, `nsa_convert.kernels.decode` on "triton").  Use the Python wrappers below: they
 validate inputs, resolve the default scale and the "auto" backend, then call the ops.
@@ -11,6 +12,7 @@ validate inputs, resolve the default scale and the "auto" backend, then call the
 from __future__ import annotations
 
 import functools
+import itertools
 from types import ModuleType
 from typing import Any
 
@@ -23,6 +25,7 @@ from nsa_convert.spec import SparsityParams, num_compressed_blocks
 __all__ = [
     "BACKENDS",
     "nsa_attention",
+    "nsa_attention_varlen",
     "nsa_attention_with_stats",
     "nsa_decode",
     "nsa_decode_with_stats",
@@ -51,7 +54,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _implementation(backend: str, name: str) -> Any:
-    """`name` (nsa_forward, nsa_backward, select_blocks or nsa_decode) of the backend's module."""
+    """`name` (nsa_forward, nsa_backward, their _varlen forms, select_blocks, nsa_decode) of a backend."""
     module: ModuleType
     if backend == "reference":
         module = reference
@@ -481,6 +484,353 @@ def select_blocks(
         float(params.scale),
         _resolve_backend(backend, q.device),
     )
+
+
+def _document_spans(cu_seqlens: Tensor, cu_seqlens_cmp: Tensor) -> list[tuple[slice, slice]]:
+    """(token rows, compressed rows) of every non-empty packed document."""
+    tokens, blocks = cu_seqlens.tolist(), cu_seqlens_cmp.tolist()
+    return [
+        (slice(tokens[i], tokens[i + 1]), slice(blocks[i], blocks[i + 1]))
+        for i in range(len(tokens) - 1)
+        if tokens[i + 1] > tokens[i]
+    ]
+
+
+def _alone(x: Tensor | None, rows: slice) -> Tensor | None:
+    """One document's rows of a packed tensor as a batch of one."""
+    return None if x is None else x[rows].unsqueeze(0)
+
+
+def _reference_varlen_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    gates: Tensor,
+    k_win: Tensor | None,
+    v_win: Tensor | None,
+    cu_seqlens: Tensor,
+    cu_seqlens_cmp: Tensor,
+    params: SparsityParams,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The reference on each document alone, results packed again: the definition of the varlen op."""
+    parts = [
+        reference.nsa_forward(
+            *(_alone(x, t) for x in (q, k, v)),
+            *(_alone(x, c) for x in (k_cmp, v_cmp)),
+            _alone(gates, t),
+            params,
+            _alone(k_win, t),
+            _alone(v_win, t),
+        )
+        for t, c in _document_spans(cu_seqlens, cu_seqlens_cmp)
+    ]
+    out, lse, indices = (torch.cat([part[i][0] for part in parts]) for i in range(3))
+    return out, lse, indices
+
+
+def _reference_varlen_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    gates: Tensor,
+    k_win: Tensor | None,
+    v_win: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    indices: Tensor,
+    cu_seqlens: Tensor,
+    cu_seqlens_cmp: Tensor,
+    params: SparsityParams,
+) -> list[Tensor | None]:
+    """Gradients of _reference_varlen_forward, document by document."""
+    parts = [
+        reference.nsa_backward(
+            *(_alone(x, t) for x in (grad_out, q, k, v)),
+            *(_alone(x, c) for x in (k_cmp, v_cmp)),
+            *(_alone(x, t) for x in (gates, k_win, v_win, out, lse, indices)),
+            params,
+        )
+        for t, c in _document_spans(cu_seqlens, cu_seqlens_cmp)
+    ]
+    return [None if parts[0][i] is None else torch.cat([part[i][0] for part in parts]) for i in range(8)]
+
+
+@torch.library.custom_op("nsa_convert::nsa_attention_varlen", mutates_args=())
+def _nsa_attention_varlen_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    gates: Tensor,
+    k_win: Tensor | None,
+    v_win: Tensor | None,
+    cu_seqlens: Tensor,
+    cu_seqlens_cmp: Tensor,
+    max_seqlen: int,
+    block_size: int,
+    top_n: int,
+    window: int,
+    compress_block: int,
+    compress_stride: int,
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    params = _params(block_size, top_n, window, compress_block, compress_stride, scale)
+    if backend == "reference":
+        return _reference_varlen_forward(
+            q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens, cu_seqlens_cmp, params
+        )
+    forward = _implementation(backend, "nsa_forward_varlen")
+    return forward(q, k, v, k_cmp, v_cmp, gates, params, cu_seqlens, cu_seqlens_cmp, max_seqlen, k_win, v_win)
+
+
+@_nsa_attention_varlen_op.register_fake
+def _nsa_attention_varlen_fake(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    gates: Tensor,
+    k_win: Tensor | None,
+    v_win: Tensor | None,
+    cu_seqlens: Tensor,
+    cu_seqlens_cmp: Tensor,
+    max_seqlen: int,
+    block_size: int,
+    top_n: int,
+    window: int,
+    compress_block: int,
+    compress_stride: int,
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    tokens, num_q_heads, _ = q.shape
+    out = q.new_empty(tokens, num_q_heads, v.shape[-1])
+    lse = q.new_empty(tokens, num_q_heads, 3, dtype=torch.float32)
+    indices = q.new_empty(tokens, k.shape[1], top_n, dtype=torch.long)
+    return out, lse, indices
+
+
+@torch.library.custom_op("nsa_convert::nsa_attention_varlen_backward", mutates_args=())
+def _nsa_attention_varlen_backward_op(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    gates: Tensor,
+    k_win: Tensor | None,
+    v_win: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    indices: Tensor,
+    cu_seqlens: Tensor,
+    cu_seqlens_cmp: Tensor,
+    max_seqlen: int,
+    block_size: int,
+    top_n: int,
+    window: int,
+    compress_block: int,
+    compress_stride: int,
+    scale: float,
+    backend: str,
+) -> list[Tensor]:
+    """[dq, dk, dv, dk_cmp, dv_cmp, dgates] followed by [dk_win, dv_win] when k_win/v_win are given."""
+    params = _params(block_size, top_n, window, compress_block, compress_stride, scale)
+    saved = (q, k, v, k_cmp, v_cmp, gates, k_win, v_win, out, lse, indices)
+    if backend == "reference":
+        grads = _reference_varlen_backward(grad_out, *saved, cu_seqlens, cu_seqlens_cmp, params)
+    else:
+        backward = _implementation(backend, "nsa_backward_varlen")
+        grads = backward(grad_out, *saved, params, cu_seqlens, cu_seqlens_cmp, max_seqlen)
+    return [g for g in grads if g is not None]
+
+
+@_nsa_attention_varlen_backward_op.register_fake
+def _nsa_attention_varlen_backward_fake(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    gates: Tensor,
+    k_win: Tensor | None,
+    v_win: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    indices: Tensor,
+    cu_seqlens: Tensor,
+    cu_seqlens_cmp: Tensor,
+    max_seqlen: int,
+    block_size: int,
+    top_n: int,
+    window: int,
+    compress_block: int,
+    compress_stride: int,
+    scale: float,
+    backend: str,
+) -> list[Tensor]:
+    return [torch.empty_like(x) for x in (q, k, v, k_cmp, v_cmp, gates, k_win, v_win) if x is not None]
+
+
+def _setup_varlen_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+    q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens, cu_seqlens_cmp, *config = inputs
+    out, lse, indices = output
+    ctx.save_for_backward(
+        q, k, v, k_cmp, v_cmp, gates, k_win, v_win, out, lse, indices, cu_seqlens, cu_seqlens_cmp
+    )
+    ctx.config = config
+    ctx.mark_non_differentiable(lse, indices)
+
+
+def _varlen_backward(
+    ctx: Any, grad_out: Tensor, _grad_lse: Tensor, _grad_indices: Tensor
+) -> tuple[Tensor | None, ...]:
+    saved = ctx.saved_tensors
+    grads = _nsa_attention_varlen_backward_op(grad_out.contiguous(), *saved, *ctx.config)
+    window_grads = (grads[6], grads[7]) if saved[6] is not None else (None, None)
+    return (*grads[:6], *window_grads, None, None) + (None,) * len(ctx.config)
+
+
+_nsa_attention_varlen_op.register_autograd(_varlen_backward, setup_context=_setup_varlen_context)
+
+
+def _check_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    gates: Tensor,
+    k_win: Tensor | None,
+    v_win: Tensor | None,
+    blocks: int,
+) -> None:
+    """Shapes, dtypes and devices of nsa_attention_varlen's packed inputs against q, v and the offsets."""
+    tensors = {"q": q, "k": k, "v": v, "k_cmp": k_cmp, "v_cmp": v_cmp, "gates": gates}
+    tensors.update({"k_win": k_win, "v_win": v_win} if k_win is not None and v_win is not None else {})
+    for name, x in tensors.items():
+        if x.dim() != 3:
+            raise ValueError(
+                f"{name} must have 3 dimensions (packed tokens first), got shape {tuple(x.shape)}"
+            )
+    if (k_win is None) != (v_win is None):
+        raise ValueError("k_win and v_win must be given together (or both left out)")
+    if not q.is_floating_point():
+        raise ValueError(f"q must be a floating-point tensor, got {q.dtype}")
+    tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, value_dim = k.shape[1], v.shape[2]
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"the query heads ({num_q_heads}) must be a multiple of the KV heads ({num_kv_heads})"
+        )
+    expected = {
+        "k": (tokens, num_kv_heads, head_dim),
+        "v": (tokens, num_kv_heads, value_dim),
+        "k_cmp": (blocks, num_kv_heads, head_dim),
+        "v_cmp": (blocks, num_kv_heads, value_dim),
+        "gates": (tokens, num_q_heads, 3),
+        "k_win": (tokens, num_kv_heads, head_dim),
+        "v_win": (tokens, num_kv_heads, value_dim),
+    }
+    for name, x in tensors.items():
+        if name != "q" and tuple(x.shape) != expected[name]:
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)}, expected {expected[name]} from q, k, v and the offsets"
+            )
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {x.dtype} but q has {q.dtype}: cast all inputs to one dtype")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+
+
+def _document_lengths(cu_seqlens: Tensor, tokens: int, device: torch.device) -> list[int]:
+    """The documents' lengths, after checking that cu_seqlens partitions the packed tokens."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"cu_seqlens must be a 1-D int32/int64 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
+    if tokens < 1:
+        raise ValueError("q must hold at least one token (N ≥ 1)")
+    offsets = cu_seqlens.tolist()
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != tokens:
+        raise ValueError(f"cu_seqlens must run from 0 to the {tokens} packed tokens, got {offsets[:3]}…")
+    lengths = [b - a for a, b in itertools.pairwise(offsets)]
+    if min(lengths) < 0:
+        raise ValueError("cu_seqlens must be non-decreasing")
+    return lengths
+
+
+def nsa_attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    gates: Tensor,
+    cu_seqlens: Tensor,
+    *,
+    k_win: Tensor | None = None,
+    v_win: Tensor | None = None,
+    block_size: int = 64,
+    top_n: int = 16,
+    window: int = 512,
+    compress_block: int = 32,
+    compress_stride: int = 16,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """NSA over packed documents, each computed as if it were alone (training on packed sequences).
+
+    q (N, Hq, Dk), k (N, Hkv, Dk), v (N, Hkv, Dv), gates (N, Hq, 3), k_win/v_win (like k/v): the N tokens
+    of all documents back to back; cu_seqlens (S + 1,) int32/int64 their offsets (0, …, N).  k_cmp
+    (Nc, Hkv, Dk), v_cmp (Nc, Hkv, Dv): each document's compressed blocks, in document order
+    (spec.num_compressed_blocks of each length; `nsa_convert.nn.compression.packed_block_starts` places
+    them).  Returns out (N, Hq, Dv) in q's dtype, differentiable like `nsa_attention`'s.  Reads the offsets
+    on the host: not for graphs traced with torch.export.
+    """
+    params = SparsityParams(block_size, top_n, window, compress_block, compress_stride, scale)
+    if q.dim() != 3:
+        raise ValueError(f"q must have 3 dimensions (packed tokens first), got shape {tuple(q.shape)}")
+    lengths = _document_lengths(cu_seqlens, q.shape[0], q.device)
+    blocks = [0]
+    for length in lengths:
+        blocks.append(blocks[-1] + num_compressed_blocks(length, compress_block, compress_stride))
+    _check_varlen(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, blocks[-1])
+    cu_seqlens_cmp = torch.tensor(blocks, dtype=torch.int32, device=q.device)
+    params = params.resolved(q.shape[-1])
+    out, _, _ = _nsa_attention_varlen_op(
+        q,
+        k,
+        v,
+        k_cmp,
+        v_cmp,
+        gates,
+        k_win,
+        v_win,
+        cu_seqlens.to(torch.int32),
+        cu_seqlens_cmp,
+        max(lengths),
+        block_size,
+        top_n,
+        window,
+        compress_block,
+        compress_stride,
+        float(params.scale),
+        _resolve_backend(backend, q.device),
+    )
+    return out
 
 
 def _check_decode(
