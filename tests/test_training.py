@@ -1,0 +1,147 @@
+"""examples/continue_training.py on the CPU with the shipped tiny Llama, converted with a small NSA geometry
+(w = 64, l' = 16, n = 4, l = 8, d = 4) so that rows of 192 tokens use every sparse branch."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import nsa_convert
+from nsa_convert.api import nsa_modules
+from nsa_convert.config import NSAConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = NSAConfig(window=64, block_size=16, top_n=4, compress_block=8, compress_stride=4)
+SEQ_LEN = 192
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location(
+        "continue_training", ROOT / "examples" / "continue_training.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+example = load_example()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "nsa"
+    nsa_convert.convert(ROOT / "examples" / "tiny-llama", out, SMALL)
+    return out
+
+
+def tensors(directory: Path) -> dict[str, torch.Tensor]:
+    found = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            found.update({name: f.get_tensor(name).float() for name in f.keys()})  # noqa: SIM118
+    return found
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A tiny model: more threads only contend on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    """Short documents (random slices of os.py, 100 to 700 characters): rows pack several of them."""
+    source = (Path(sysconfig.get_paths()["stdlib"]) / "os.py").read_text()
+    directory = tmp_path_factory.mktemp("texts")
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    for i in range(40):
+        start = int(torch.randint(0, len(source) - 700, (1,), generator=generator))
+        (directory / f"{i:02d}.txt").write_text(source[start : start + 100 + 15 * i])
+    return directory
+
+
+def run(checkpoint: Path, texts: Path, save: Path, *options: str) -> list[dict]:
+    argv = [str(checkpoint), "--data", str(texts), "--seq-len", str(SEQ_LEN), "--device", "cpu"]
+    return example.train(example.parse_args([*argv, "--save", str(save), *options]))
+
+
+def test_repeated_batch_is_learned_and_every_new_parameter_moves(checkpoint, texts, tmp_path):
+    history = run(
+        checkpoint,
+        texts,
+        tmp_path / "trained",
+        "--steps",
+        "6",
+        "--repeat-batch",
+        "--lr",
+        "3e-3",
+        "--nsa-lr",
+        "1e-2",
+    )
+    assert all(record["documents"] >= 2 for record in history)  # packed rows
+    losses = [record["loss"] for record in history]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0] - 0.5, losses
+    layers = set(nsa_modules(nsa_convert.load(checkpoint)))
+    for record in history:
+        assert set(record["gates"]) == layers
+        assert all(0.0 < mean < 1.0 for means in record["gates"].values() for mean in means)
+    assert history[-1]["gates"] != history[0]["gates"]
+
+    before, after = tensors(checkpoint), tensors(tmp_path / "trained")
+    new = [name for name in before if ".nsa." in name]
+    assert new and set(new) <= set(after)
+    assert all(torch.isfinite(after[name]).all() for name in new)
+    # At the conversion's initialisation φ_K adds one vector to every compressed key, which changes no
+    # softmax: its biases and position encoding start with no gradient and may not move in a few steps.
+    invariant = ("compress_k.fc1.bias", "compress_k.fc2.bias", "compress_k.pos")
+    for name in new:
+        if not name.endswith(invariant):
+            assert not torch.equal(after[name], before[name]), name
+    reloaded = nsa_convert.load(tmp_path / "trained", dtype=torch.float32)
+    ids = torch.randint(0, reloaded.config.vocab_size, (1, 100))
+    assert torch.isfinite(reloaded(ids, use_cache=False).logits).all()
+
+
+def test_warm_up_trains_only_the_new_parameters(checkpoint, texts, tmp_path):
+    history = run(
+        checkpoint, texts, tmp_path / "warm", "--steps", "2", "--warmup-nsa-only", "2", "--lr", "1e-2"
+    )
+    assert all(record["nsa_only"] for record in history)
+    before, after = tensors(checkpoint), tensors(tmp_path / "warm")
+    # compress_k's biases may not move in two steps: shifting every compressed key alike changes no softmax.
+    gates = [name for name in before if ".nsa.gate." in name]
+    assert gates and all(not torch.equal(after[name], before[name]) for name in gates)
+    for name, value in before.items():
+        if ".nsa." not in name and name in after:
+            assert torch.equal(after[name], value), name
+
+
+def test_packed_rows_restart_positions_at_each_document():
+    pieces = iter([[1, 2, 3], [4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14], [15, 16, 17]])
+    rows = example.packed_batches(pieces, seq_len=4, batch_size=2)
+    first, second = next(rows), next(rows)
+    assert first["input_ids"].tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert first["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 2, 3]]
+    assert first["labels"].tolist() == [[-100, 2, 3, -100], [-100, 6, 7, 8]]
+    # [9, 10] fills a row with the first half of [11 … 14]; the 2-token rest becomes its own document.
+    assert second["input_ids"].tolist() == [[9, 10, 11, 12], [13, 14, 15, 16]]
+    assert second["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]
+
+
+def test_text_files_default_to_the_standard_library(tmp_path):
+    files = example.text_files(None)
+    assert any(path.name == "os.py" for path in files)
+    assert not any("site-packages" in path.parts for path in files)
+    (tmp_path / "a.txt").write_text("one")
+    (tmp_path / "b.bin").write_bytes(b"\0")
+    assert example.text_files(tmp_path) == [tmp_path / "a.txt"]
