@@ -29,9 +29,12 @@ def _op_dtype(query: torch.Tensor) -> torch.dtype:
     """The dtype the op runs in: autocast's when autocast is on (SDPA's inputs are cast alike), else q's.
 
     Under autocast q and k leave the rotary embedding in float32 while v leaves its projection in bf16.
+    Devices without autocast (meta, while a graph is exported) run in q's dtype.
     """
     device = query.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return query.dtype
 
 
 def _linear_like(linear: nn.Module) -> nn.Linear:
