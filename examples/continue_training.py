@@ -139,7 +139,9 @@ def train(args: argparse.Namespace) -> list[dict]:
     )
     autocast = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     model = nsa_convert.load(args.checkpoint, device=device, dtype=torch.float32, backend=args.backend)
-    model.activation_checkpointing_enable()
+    # Transformers renamed gradient checkpointing; older releases have only the old name.
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
     model.train()
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
 
