@@ -129,3 +129,51 @@ def test_packed_compression_equals_each_document_alone(rng):
     packed = compressor.packed(torch.cat(documents), starts)
     alone = torch.cat([compressor(doc[None])[0] for doc in documents])
     torch.testing.assert_close(packed, alone, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+def test_triton_bf16_long_documents_match_each_document_alone(rng):
+    """On the GPU at the paper's defaults: packed long documents (one shorter than a compression block)
+    give each document's output and gradients of the single-sequence kernels run on it alone."""
+    params = SparsityParams()
+    geometry = {name: value for name, value in dataclasses.asdict(params).items() if name != "scale"}
+    names = ("q", "k", "v", "k_cmp", "v_cmp", "gates")
+    lengths = [3000, 20, 9000, 513]
+    documents = [
+        {
+            name: x[0].to("cuda", torch.bfloat16)
+            for name, x in random_inputs(
+                rng,
+                params.resolved(128),
+                seq_len=n,
+                q_heads=16,
+                kv_heads=4,
+                head_dim=128,
+                value_dim=128,
+                dtype=torch.float32,
+            ).items()
+        }
+        for n in lengths
+    ]
+    packed = {name: torch.cat([doc[name] for doc in documents]).requires_grad_() for name in names}
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    out = ops.nsa_attention_varlen(*(packed[name] for name in names), cu, **geometry, backend="triton")
+    grad_out = torch.randn(out.shape, generator=rng).to(out)
+    out.backward(grad_out)
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+    starts = {"token": 0, "cmp": 0}
+    for doc in documents:
+        leaves = {name: doc[name].clone()[None].requires_grad_() for name in names}
+        alone = ops.nsa_attention(*(leaves[name] for name in names), **geometry, backend="triton")
+        t, tc = doc["q"].shape[0], doc["k_cmp"].shape[0]
+        tokens, blocks = slice(starts["token"], starts["token"] + t), slice(starts["cmp"], starts["cmp"] + tc)
+        alone.backward(grad_out[tokens][None])
+        assert rel(out[tokens], alone[0]) < 1e-2, t
+        for name in names:
+            rows = blocks if name in ("k_cmp", "v_cmp") else tokens
+            if leaves[name].grad[0].numel():
+                assert rel(packed[name].grad[rows], leaves[name].grad[0]) < 1e-2, (t, name)
+        starts = {"token": starts["token"] + t, "cmp": starts["cmp"] + tc}
