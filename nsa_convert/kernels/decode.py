@@ -14,10 +14,11 @@ many programs per (sequence, KV head), so that a single sequence fills the GPU t
    of the compressed partials into each head's lse, turns the stored pieces into the group's importance
    (eq. 10) and writes the part's top n blocks as sort keys (importance bits, then the block's index
    reversed, so that ties go to the lower block; forced blocks get +inf);
-3. selected partials, one program per (sequence, KV head, slot): merges the parts' keys into the top n
-   (exact: each part kept its own top n), takes its slot's block in ascending order and attends to it;
-4. combine, one program per (sequence, KV head, new token, slice of the value dimension): merges the three
-   branches' partials, gates and adds them.
+3. selected partials, one program per (sequence, KV head, SLOTS slots): merges the parts' keys into the
+   top n (exact: each part kept its own top n), takes its slots' blocks in ascending order and attends to
+   them as one gathered tile;
+4. combine, one program per (sequence, KV head, new token, HEADS heads, slice of the value dimension):
+   merges the three branches' partials, gates and adds them.
 
 Caches are right-aligned (row S − L_b + p of k/v is token p of sequence b); compressed keys start at 0 per
 sequence. Nothing here syncs with the host, so a decode step can be captured in a CUDA graph.
@@ -45,12 +46,18 @@ PART = 128
 """Blocks ranked per select program (at least; more when there would be over MAX_PARTS parts)."""
 MAX_PARTS = 8
 """Most select programs per (sequence, KV head, new token): the slot programs merge parts × n keys."""
-DV_SLICE = 32
+SLOTS = 2
+"""Selected blocks per slot program, gathered into one tile."""
+HEADS = 4
+"""Query heads per combine program."""
+DV_SLICE = 16
 """Value columns per combine program."""
 TILE = 8192
 """Elements of the 3-D tiles (partial accumulators) one load takes."""
 MAX_SPLITS = 64
 """Most programs the compressed keys of one (sequence, KV head) are split over."""
+WAVES = 8
+"""Compressed programs aimed at per multiprocessor: short programs leave a short last wave."""
 POISON = False
 """Tests set this to fill every buffer the kernels must write with NaN (or −7777 for indices) first."""
 
@@ -134,7 +141,7 @@ def _cmp_window_kernel(
     su_bh, su_r, smt_bh, smt_t,
     n_new, n_split, n_chunks, split_len, tc_bound, rows_w, scale_log2,
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, CSTRIDE: tl.constexpr, CSPAN: tl.constexpr,
-    BLOCK: tl.constexpr, RATIO: tl.constexpr, QC: tl.constexpr, NW: tl.constexpr, TOPN: tl.constexpr,
+    BLOCK: tl.constexpr, RATIO: tl.constexpr, QC: tl.constexpr, NW: tl.constexpr, NSEL: tl.constexpr,
     WINDOW: tl.constexpr, BWIN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
     BDV: tl.constexpr,
 ):  # fmt: skip
@@ -194,7 +201,7 @@ def _cmp_window_kernel(
             tl.store(MT + bh * smt_bh + tile * smt_t + r, m_i, mask=row_ok)
         _store_partial(PM, PL, PA, bh * n_split + pid, r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
     else:
-        chunk = TOPN + pid - n_split
+        chunk = NSEL + pid - n_split
         p = tl.maximum(length - n_new - WINDOW + 1, 0) + (pid - n_split) * BWIN + tl.arange(0, BWIN)
         p_ok = p < length
         row = (rows_w - length + p).to(tl.int64)
@@ -265,12 +272,12 @@ def _selected_kernel(
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, si_b, si_t, si_h,
     n_new, n_chunks, rows_k, scale_log2,
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr,
-    TOPN: tl.constexpr, NKEYS: tl.constexpr, NKEYSP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr,
+    SLOTS: tl.constexpr, TOPN: tl.constexpr, NKEYS: tl.constexpr, NKEYSP: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
 ):  # fmt: skip
-    """Slot c of one (b, KV head): the c-th lowest of the top-n blocks of each new token, and its partial."""
+    """Slots i·SLOTS … of one (b, KV head): those lowest of each new token's top-n blocks, and their partial."""
     bh = tl.program_id(0)
-    c = tl.program_id(1)
+    first = tl.program_id(1) * SLOTS
     b = bh // HKV
     h = bh % HKV
     length = tl.load(LENS + b)
@@ -288,35 +295,39 @@ def _selected_kernel(
     m_i = tl.full([ROWS], -1.0e30, tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BDV], tl.float32)
-    kb = tl.arange(0, BS)
+    kb = tl.arange(0, SLOTS * BS)
+    within = kb % BS
     k_base = K + b64 * sk_b + h * sk_h
     v_base = V + b64 * sv_b + h * sv_h
     pos = tl.arange(0, NKEYSP)
     for jq in range(n_new):
         keys = tl.load(KEYS + (bh * n_new + jq) * NKEYS + pos, mask=pos < NKEYS, other=-1)
         top = tl.sort(keys, descending=True)
-        chosen = tl.where((pos < TOPN) & (top >= 0), -(top & 0xFFFFFFFF) + NO_BLOCK, NO_BLOCK)
-        blk = tl.sum(tl.where(pos == c, tl.sort(chosen), 0), 0)
-        blk = tl.where(blk == NO_BLOCK, -1, blk)
-        tl.store(IDX + b * si_b + jq * si_t + h * si_h + c, blk)
-        if blk >= 0:
-            p = blk * SEL + kb
-            p_ok = (kb < SEL) & (p <= length - n_new + jq)
-            row = rows_k - length + p
-            kt = tl.load(
-                k_base + row[None, :] * sk_t + dk[:, None],
-                mask=p_ok[None, :] & (dk[:, None] < DK),
-                other=0.0,
-            )
-            vv = tl.load(
-                v_base + row[:, None] * sv_t + dv[None, :],
-                mask=p_ok[:, None] & (dv[None, :] < DV),
-                other=0.0,
-            )
-            s = tl.dot(q, kt) * scale_log2
-            s = tl.where((row_ok & (jr == jq))[:, None] & p_ok[None, :], s, float("-inf"))
-            m_i, l_i, acc, _ = _online(m_i, l_i, acc, s, vv)
-    _store_partial(PM2, PL2, PA2, bh * n_chunks + c, r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
+        chosen = tl.sort(tl.where((pos < TOPN) & (top >= 0), -(top & 0xFFFFFFFF) + NO_BLOCK, NO_BLOCK))
+        blk = tl.full([SLOTS * BS], -1, tl.int64)
+        for i in tl.static_range(SLOTS):
+            one = tl.sum(tl.where(pos == first + i, chosen, 0), 0)
+            one = tl.where(one == NO_BLOCK, -1, one)
+            if first + i < TOPN:
+                tl.store(IDX + b * si_b + jq * si_t + h * si_h + first + i, one)
+            blk = tl.where(kb // BS == i, one, blk)
+        p = blk * SEL + within
+        p_ok = (blk >= 0) & (within < SEL) & (p <= length - n_new + jq)
+        row = rows_k - length + p
+        kt = tl.load(
+            k_base + row[None, :] * sk_t + dk[:, None],
+            mask=p_ok[None, :] & (dk[:, None] < DK),
+            other=0.0,
+        )
+        vv = tl.load(
+            v_base + row[:, None] * sv_t + dv[None, :],
+            mask=p_ok[:, None] & (dv[None, :] < DV),
+            other=0.0,
+        )
+        s = tl.dot(q, kt) * scale_log2
+        s = tl.where((row_ok & (jr == jq))[:, None] & p_ok[None, :], s, float("-inf"))
+        m_i, l_i, acc, _ = _online(m_i, l_i, acc, s, vv)
+    _store_partial(PM2, PL2, PA2, bh * n_chunks + tl.program_id(1), r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
 
 
 @triton.jit
@@ -324,33 +335,34 @@ def _combine_kernel(
     PM, PL, PA, PM2, PL2, PA2, GATE, OUT, LSE,
     sg_b, sg_t, sg_h, so_b, so_t, so_h, sl_b, sl_t, sl_h,
     n_split, n_chunks,
-    HKV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, TOPN: tl.constexpr,
+    HKV: tl.constexpr, GROUP: tl.constexpr, GH: tl.constexpr, ROWS: tl.constexpr, NSEL: tl.constexpr,
     CP0: tl.constexpr, CCH0: tl.constexpr, CP1: tl.constexpr, CCH1: tl.constexpr, CP2: tl.constexpr,
     CCH2: tl.constexpr, DV: tl.constexpr, DVS: tl.constexpr, BDV: tl.constexpr,
 ):  # fmt: skip
-    """out[:, dv] = g_cmp·o_cmp + g_slc·o_slc + g_win·o_win for new token jq of one (b, KV head)."""
+    """out[:, dv] = g_cmp·o_cmp + g_slc·o_slc + g_win·o_win for GH heads of new token jq of one (b, KV head)."""
     bh = tl.program_id(0)
-    jq = tl.program_id(1)
+    heads = tl.cdiv(GROUP, GH)
+    jq = tl.program_id(1) // heads
     dv = tl.program_id(2) * DVS + tl.arange(0, DVS)
     b = bh // HKV
     h = bh % HKV
-    g = tl.arange(0, GP)
+    g = tl.program_id(1) % heads * GH + tl.arange(0, GH)
     g_ok = g < GROUP
     r = jq * GROUP + g
     hq = h * GROUP + g
-    out = tl.zeros([GP, DVS], tl.float32)
+    out = tl.zeros([GH, DVS], tl.float32)
     for branch in tl.static_range(3):
         if branch == 0:
             m, l_sum, acc = _merge_branch(
-                PM, PL, PA, bh * n_split, n_split, r, g_ok, dv, CP0, CCH0, GP, DVS, ROWS, BDV
+                PM, PL, PA, bh * n_split, n_split, r, g_ok, dv, CP0, CCH0, GH, DVS, ROWS, BDV
             )
         elif branch == 1:
             m, l_sum, acc = _merge_branch(
-                PM2, PL2, PA2, bh * n_chunks, TOPN, r, g_ok, dv, CP1, CCH1, GP, DVS, ROWS, BDV
+                PM2, PL2, PA2, bh * n_chunks, NSEL, r, g_ok, dv, CP1, CCH1, GH, DVS, ROWS, BDV
             )
         else:
             m, l_sum, acc = _merge_branch(
-                PM2, PL2, PA2, bh * n_chunks + TOPN, n_chunks - TOPN, r, g_ok, dv, CP2, CCH2, GP, DVS, ROWS,
+                PM2, PL2, PA2, bh * n_chunks + NSEL, n_chunks - NSEL, r, g_ok, dv, CP2, CCH2, GH, DVS, ROWS,
                 BDV,
             )  # fmt: skip
         nonempty = l_sum > 0
@@ -397,11 +409,12 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         k_cmp = q.new_zeros(batch, 1, hkv, dk)
         v_cmp = q.new_zeros(batch, 1, hkv, dv)
     tiles = max(1, triton.cdiv(tc_bound, bc))
-    n_split = max(1, min(tiles, MAX_SPLITS, triton.cdiv(2 * _sm_count(device), batch * hkv)))
+    n_split = max(1, min(tiles, MAX_SPLITS, triton.cdiv(WAVES * _sm_count(device), batch * hkv)))
     split_len = triton.cdiv(tiles, n_split) * bc
     n_split = max(1, triton.cdiv(tc_bound, split_len))
     n_win = triton.cdiv(params.window + n - 1, BW)
-    n_chunks = top_n + n_win
+    n_sel = triton.cdiv(top_n, SLOTS)
+    n_chunks = n_sel + n_win
     f32 = dict(dtype=torch.float32, device=device)
     pieces = [_empty(batch * hkv, rows_p, triton.cdiv(tiles * bc, ratio) + nw, **f32) for _ in range(2)]
     tile_max = _empty(batch * hkv, tiles, rows_p, **f32)
@@ -420,7 +433,7 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         pieces[0].stride(0), pieces[0].stride(1), tile_max.stride(0), tile_max.stride(1),
         n, n_split, n_chunks, split_len, tc_bound, k_win.shape[1], scale_log2,
         HKV=hkv, GROUP=group, ROWS=rows_p, CSTRIDE=stride, CSPAN=length, BLOCK=bc, RATIO=ratio, QC=per_cmp,
-        NW=nw, TOPN=top_n, WINDOW=params.window, BWIN=BW, DK=dk, DV=dv, BDK=bdk, BDV=bdv,
+        NW=nw, NSEL=n_sel, WINDOW=params.window, BWIN=BW, DK=dk, DV=dv, BDK=bdk, BDV=bdv,
         num_warps=4,
     )  # fmt: skip
     blocks = max(1, num_selection_blocks(rows_k, block))
@@ -437,27 +450,29 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         num_warps=4,
     )  # fmt: skip
     indices = _empty(batch, n, hkv, top_n, dtype=torch.int64, device=device)
-    _selected_kernel[(batch * hkv, top_n)](
+    _selected_kernel[(batch * hkv, n_sel)](
         q, k, v, keys, lens, indices, pm2, pl2, pa2,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), indices.stride(0), indices.stride(1), indices.stride(2),
         n, n_chunks, rows_k, scale_log2,
-        HKV=hkv, GROUP=group, ROWS=rows_p, SEL=block, BS=max(16, triton.next_power_of_2(block)), TOPN=top_n,
-        NKEYS=parts * top_np, NKEYSP=triton.next_power_of_2(parts * top_np), DK=dk, DV=dv, BDK=bdk, BDV=bdv,
+        HKV=hkv, GROUP=group, ROWS=rows_p, SEL=block, BS=max(16, triton.next_power_of_2(block)), SLOTS=SLOTS,
+        TOPN=top_n, NKEYS=parts * top_np, NKEYSP=triton.next_power_of_2(parts * top_np), DK=dk, DV=dv, BDK=bdk,
+        BDV=bdv,
         num_warps=4,
     )  # fmt: skip
     out = _empty(batch, n, hq, dv, dtype=q.dtype, device=device)
     lse = _empty(batch, n, hq, 3, **f32)
     dvs = min(DV_SLICE, bdv)
-    cps = [triton.next_power_of_2(count) for count in (n_split, top_n, n_win)]
-    _combine_kernel[(batch * hkv, n, triton.cdiv(dv, dvs))](
+    gh = min(HEADS, gp)
+    cps = [triton.next_power_of_2(count) for count in (n_split, n_sel, n_win)]
+    _combine_kernel[(batch * hkv, n * triton.cdiv(group, gh), triton.cdiv(dv, dvs))](
         pm, pl, pa, pm2, pl2, pa2, gates, out, lse,
         gates.stride(0), gates.stride(1), gates.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
         n_split, n_chunks,
-        HKV=hkv, GROUP=group, GP=gp, ROWS=rows_p, TOPN=top_n,
-        CP0=cps[0], CCH0=_chunk(cps[0], gp, dvs), CP1=cps[1], CCH1=_chunk(cps[1], gp, dvs), CP2=cps[2],
-        CCH2=_chunk(cps[2], gp, dvs), DV=dv, DVS=dvs, BDV=bdv,
+        HKV=hkv, GROUP=group, GH=gh, ROWS=rows_p, NSEL=n_sel,
+        CP0=cps[0], CCH0=_chunk(cps[0], gh, dvs), CP1=cps[1], CCH1=_chunk(cps[1], gh, dvs), CP2=cps[2],
+        CCH2=_chunk(cps[2], gh, dvs), DV=dv, DVS=dvs, BDV=bdv,
         num_warps=4,
     )  # fmt: skip
     return out, lse, indices
