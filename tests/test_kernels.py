@@ -16,6 +16,7 @@ from nsa_convert.kernels import (
     nsa_forward,
     nsa_forward_varlen,
     select_blocks,
+    selected,
     selection,
 )
 from nsa_convert.spec import SparsityParams, num_compressed_blocks
@@ -165,6 +166,21 @@ def test_forward_matches_reference(hq, hkv, t, params, rng):
     fin = ref_lse.isfinite()
     assert torch.equal(lse.isfinite(), fin)
     assert torch.allclose(lse[fin].double(), ref_lse[fin], atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["blocks", "positions"])
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (3, 1), (16, 1)])
+def test_both_selected_forwards_match_reference(path, hq, hkv, rng, monkeypatch):
+    """Block by block (partial outputs in chunks of 7 positions that straddle the two sequences) and
+    position by position, whatever the group size."""
+    monkeypatch.setattr(selected, "BLOCKS_BELOW_GROUP", 10**6 if path == "blocks" else 0)
+    p = SMALL.resolved(16)
+    monkeypatch.setattr(selected, "PARTIAL_BYTES", 7 * hq * p.top_n * (16 * 4 + 4))
+    x = _inputs(2, 61, hq, hkv, 16, 16, p, rng)
+    out, lse, idx = nsa_forward(**x, params=p)
+    ref_out, ref_lse = reference(**{n: v.double() for n, v in x.items()}, params=p, indices=idx)
+    assert _rel(out, ref_out) < 1e-5
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-5)
 
 
 def test_select_blocks_matches_forward_selection(rng):

@@ -1,10 +1,15 @@
-"""Selected-block attention: forward and dq gather each query's blocks, dk/dv go block by block.
+"""Selected-block attention, position by position or block by block.
 
 Group-centric loading: one program holds all G query heads of a KV head at one position (rows padded to
 16 for the matrix units) and walks that position's selected blocks, so each K/V block it loads serves the
 whole group. The dk/dv pass inverts the selection (which positions chose block j) with a stable sort and
 gives each (block, KV head) one program that gathers those positions × group heads into its row tiles: the
 result is written once per key, without atomics, so it is deterministic.
+
+For small groups the position-by-position forward is bound by its K/V gathers (n·l' keys per position for
+only G rows), so below BLOCKS_BELOW_GROUP the forward goes block by block too: each program loads one K/V
+block once, attends the gathered rows (positions × heads) that chose it and writes one partial output and
+log-sum-exp per (position, slot, head); a combine pass merges each position's slots in slot order.
 
 Layouts as in banded.py: q [N, Hq, DK], k [N, Hkv, DK], v [N, Hkv, DV], idx [N, Hkv, n] (block ids local to
 each sequence, ascending, −1 padded), gates/lse [N, Hq, 3] (column 1 is this branch).
@@ -155,6 +160,110 @@ def selected_dq_kernel(
 
 
 @triton.jit
+def selected_fwd_blocks_kernel(
+    Q, K, V, PART_O, PART_L, CU, POS, ENTRY, SEG, WORK_SEG, WORK_OFF,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, n_seq, max_blocks, n_seg, scale_log2,
+    GROUP: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+):  # fmt: skip
+    """Block j of one KV head against up to CHUNK of the positions that chose it: for each (position, head)
+    row, the block's softmax-normalised output into PART_O and its log2-sum-exp into PART_L, both at row
+    ENTRY·G + head (see invert_selection). Work items as in selected_dkdv_kernel."""
+    w = tl.program_id(0)
+    seg = tl.load(WORK_SEG + w)
+    if seg >= n_seg:
+        return
+    chunk = w - tl.load(WORK_OFF + seg)
+    j = seg % max_blocks
+    b = (seg // max_blocks) % n_seq
+    h = seg // (max_blocks * n_seq)
+    q_start = tl.load(CU + b)
+    T = tl.load(CU + b + 1) - q_start
+    kb = tl.arange(0, BS)
+    s = j * SEL + kb
+    s_ok = (kb < SEL) & (s < T)
+    ktok = (q_start + s).to(tl.int64)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    kt = tl.load(
+        K + ktok[None, :] * sk_t + h * sk_h + dk[:, None], mask=s_ok[None, :] & (dk[:, None] < DK), other=0.0
+    )
+    vv = tl.load(
+        V + ktok[:, None] * sv_t + h * sv_h + dv[None, :], mask=s_ok[:, None] & (dv[None, :] < DV), other=0.0
+    )
+    p_begin = tl.load(SEG + seg) + chunk * CHUNK
+    n_rows = (tl.minimum(tl.load(SEG + seg + 1), p_begin + CHUNK) - p_begin) * GROUP
+    for row0 in range(0, n_rows, BLOCK_M):
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        t = tl.load(POS + p_begin + rows // GROUP, mask=row_ok, other=0).to(tl.int64) - q_start
+        entry = tl.load(ENTRY + p_begin + rows // GROUP, mask=row_ok, other=0).to(tl.int64)
+        g = rows % GROUP
+        q = tl.load(
+            Q + (q_start + t)[:, None] * sq_t + (h * GROUP + g)[:, None] * sq_h + dk[None, :],
+            mask=row_ok[:, None] & (dk[None, :] < DK),
+            other=0.0,
+        )
+        vis = s_ok[None, :] & (s[None, :] <= t[:, None])
+        qk = tl.where(vis, tl.dot(q, kt) * scale_log2, float("-inf"))
+        m = tl.max(qk, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.math.exp2(qk - m[:, None])
+        l_sum = tl.sum(p, 1)
+        o = tl.dot(p.to(vv.dtype), vv) / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+        part = entry * GROUP + g
+        tl.store(
+            PART_O + part[:, None] * BDV + dv[None, :], o.to(PART_O.dtype.element_ty), mask=row_ok[:, None]
+        )
+        lse2 = tl.where(l_sum > 0, m + tl.math.log2(tl.where(l_sum > 0, l_sum, 1.0)), float("-inf"))
+        tl.store(PART_L + part, lse2, mask=row_ok)
+
+
+@triton.jit
+def selected_combine_kernel(
+    IDX, PART_O, PART_L, GATE, ACC, LSE, first, n_tok,
+    si_t, si_h, sg_t, sg_h, sa_t, sa_h, sl_t, sl_h,
+    GROUP: tl.constexpr, BH: tl.constexpr, TOPN: tl.constexpr, MODE: tl.constexpr, DV: tl.constexpr,
+    BDV: tl.constexpr,
+):  # fmt: skip
+    """One (token, KV head): merge its slots' partial outputs (selected_fwd_blocks_kernel) in slot order,
+    then the epilogue of selected_fwd_kernel (gate, accumulator, the branch's lse)."""
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    tok = (first + i).to(tl.int64)
+    g = tl.arange(0, BH)
+    g_ok = g < GROUP
+    hq = h * GROUP + g
+    dv = tl.arange(0, BDV)
+    m_i = tl.full([BH], -1.0e30, tl.float32)
+    l_i = tl.zeros([BH], tl.float32)
+    acc = tl.zeros([BH, BDV], tl.float32)
+    base = (h * n_tok + i).to(tl.int64) * TOPN
+    for slot in range(TOPN):
+        j = tl.load(IDX + tok * si_t + h * si_h + slot)
+        ok = g_ok & (g * 0 + j >= 0)
+        part = (base + slot) * GROUP + g
+        lse2 = tl.load(PART_L + part, mask=ok, other=float("-inf"))
+        o = tl.load(PART_O + part[:, None] * BDV + dv[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        m_new = tl.maximum(m_i, lse2)
+        alpha = tl.math.exp2(m_i - m_new)
+        beta = tl.math.exp2(lse2 - m_new)
+        l_i = l_i * alpha + beta
+        acc = acc * alpha[:, None] + beta[:, None] * o
+        m_i = m_new
+    nonempty = l_i > 0
+    lse = tl.where(nonempty, (m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0))) * LN2_C, float("-inf"))
+    tl.store(LSE + tok * sl_t + hq * sl_h + 1, lse, mask=g_ok)
+    gate = tl.load(GATE + tok * sg_t + hq * sg_h + 1, mask=g_ok, other=0.0).to(tl.float32)
+    o = acc * (gate / tl.where(nonempty, l_i, 1.0))[:, None]
+    a_ptr = ACC + tok * sa_t + hq[:, None] * sa_h + dv[None, :]
+    omask = g_ok[:, None] & (dv[None, :] < DV)
+    if MODE == 1:
+        o += tl.load(a_ptr, mask=omask, other=0.0)
+    tl.store(a_ptr, o, mask=omask)
+
+
+@triton.jit
 def selected_dkdv_kernel(
     Q, K, V, GATE, DO, LSE, DELTA, PART_K, PART_V, CU, POS, SEG, WORK_SEG, WORK_OFF,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t, sg_h, sd_t, sd_h, sl_t, sl_h, sdl_t, sdl_h,
@@ -299,39 +408,95 @@ def _dkdv_config(q):
     return 64, 8, 2, 1024
 
 
+BLOCKS_BELOW_GROUP = 5
+"""Groups smaller than this take the block-by-block forward. On the H100 at 64k it beat the position-by-
+position one for G = 4 (33.1 → 22.7 ms) and lost for G = 7, 8 and 16 (RESULTS.md)."""
+
+PARTIAL_BYTES = 1 << 30
+"""Bound on the block-by-block forward's partial outputs: longer inputs run in chunks of positions."""
+
+
+def _blocks_config(q):
+    """(BLOCK_M, warps, stages, CHUNK) of the block-by-block forward; on the H100 64 rows, 4 warps and 2
+    stages were best or tied (of 32/64/128 rows, 4/8 warps, 2/3 stages, chunks of 64–1024).
+    NSA_SLC_FWD_BLOCKS="bm,warps,stages,chunk" overrides (benchmarking)."""
+    if q.device.type != "cuda":
+        return 16, 4, 1, 8
+    env = os.environ.get("NSA_SLC_FWD_BLOCKS")
+    if env:
+        return tuple(int(x) for x in env.split(","))
+    return 64, 4, 2, 256
+
+
 def selected_forward(q, k, v, idx, gates, acc, lse, cu, max_len, params, *, accumulate):
     """acc [N, Hq, DV] (fp32) = or += gate_slc · o_slc; lse[..., 1] = the branch's log-sum-exp."""
+    consts = _gather_consts(q, k, v, params)
+    mode = ADD_ACC if accumulate else 0
+    if consts["GROUP"] < BLOCKS_BELOW_GROUP:
+        _selected_forward_blocks(q, k, v, idx, gates, acc, lse, cu, max_len, params, consts, mode)
+        return
     grid = (max_len, k.shape[1], cu.numel() - 1)
     selected_fwd_kernel[grid](
         q, k, v, idx, gates, acc, lse, cu,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         idx.stride(0), idx.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
-        lse.stride(0), lse.stride(1),
-        params.scale * LOG2E, MODE=ADD_ACC if accumulate else 0, **_gather_consts(q, k, v, params),
+        lse.stride(0), lse.stride(1), params.scale * LOG2E, MODE=mode, **consts,
     )  # fmt: skip
 
 
-def invert_selection(idx, cu, max_blocks, chunk):
-    """(POS, SEG, WORK_SEG, WORK_OFF): the positions that selected each block, and the dk/dv work list.
+def _selected_forward_blocks(q, k, v, idx, gates, acc, lse, cu, max_len, params, consts, mode):
+    """The block-by-block forward (module docstring), in chunks of positions under PARTIAL_BYTES."""
+    n_tok, hq, _ = q.shape
+    hkv, top_n, group, bdv = k.shape[1], params.top_n, consts["GROUP"], consts["BDV"]
+    step = max(1, PARTIAL_BYTES // (hq * top_n * (bdv * q.element_size() + 4)))
+    block_m, warps, stages, chunk = _blocks_config(q)
+    max_blocks = triton.cdiv(max_len, params.block_size)
+    n_seq = cu.numel() - 1
+    gather = {name: consts[name] for name in ("GROUP", "SEL", "BS", "DK", "DV", "BDK", "BDV")}
+    for first in range(0, n_tok, step):
+        n = min(step, n_tok - first)
+        pos, entry, seg, work_seg, work_off = invert_selection(
+            idx[first : first + n], cu, max_blocks, chunk, first
+        )
+        part_o = torch.empty(hkv * n * top_n * group, bdv, dtype=q.dtype, device=q.device)
+        part_l = torch.empty(part_o.shape[0], dtype=torch.float32, device=q.device)
+        selected_fwd_blocks_kernel[(work_seg.numel(),)](
+            q, k, v, part_o, part_l, cu, pos, entry, seg, work_seg, work_off,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            n_seq, max_blocks, hkv * n_seq * max_blocks, params.scale * LOG2E,
+            BLOCK_M=block_m, CHUNK=chunk, num_warps=warps, num_stages=stages, **gather,
+        )  # fmt: skip
+        selected_combine_kernel[(n, hkv)](
+            idx, part_o, part_l, gates, acc, lse, first, n,
+            idx.stride(0), idx.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
+            lse.stride(0), lse.stride(1),
+            GROUP=group, BH=consts["BH"], TOPN=top_n, MODE=mode, DV=consts["DV"], BDV=bdv, num_warps=4,
+        )  # fmt: skip
 
-    idx [N, Hkv, n] holds block ids local to each sequence. Segment (h, sequence, block) lists its packed
-    positions ascending in POS[SEG[seg] : SEG[seg + 1]] (a stable sort of the (h, token, slot) order, so
-    the dk/dv sums run in a fixed order). Segment seg splits into chunks of `chunk` positions, work items
-    WORK_OFF[seg] … WORK_OFF[seg + 1] − 1; WORK_SEG maps each work item back to its segment (n_seg past
-    the end). The work list has a static upper bound, so nothing waits on the device.
+
+def invert_selection(idx, cu, max_blocks, chunk, first=0):
+    """(POS, ENTRY, SEG, WORK_SEG, WORK_OFF): the positions that selected each block, and the work list.
+
+    idx [n, Hkv, top_n] holds the block ids (local to each sequence) of packed tokens first … first + n − 1,
+    whose cells (h, token, slot) are numbered (h·n + token − first)·top_n + slot. Segment (h, sequence,
+    block) lists the cells that name its block by ascending token: their packed token indices in
+    POS[SEG[seg] : SEG[seg + 1]] and their numbers in ENTRY (a stable sort, so sums over a segment run in
+    a fixed order). Segment seg splits into chunks of `chunk` positions, work items WORK_OFF[seg] …
+    WORK_OFF[seg + 1] − 1; WORK_SEG maps each work item back to its segment (n_seg past the end). The
+    work list has a static upper bound, so nothing waits on the device.
     """
     n_tok, hkv, top_n = idx.shape
     n_seq = cu.numel() - 1
     dev = idx.device
-    lengths = (cu[1:] - cu[:-1]).long()
-    seq = torch.repeat_interleave(torch.arange(n_seq, device=dev), lengths, output_size=n_tok)
+    tokens = torch.arange(first, first + n_tok, device=dev)
+    seq = torch.searchsorted(cu[1:].to(torch.int64), tokens, right=True)
     heads = torch.arange(hkv, device=dev)
     local = idx.permute(1, 0, 2)
     seg = (heads[:, None, None] * n_seq + seq[None, :, None]) * max_blocks + local
     n_seg = hkv * n_seq * max_blocks
     seg = torch.where(local >= 0, seg, n_seg).reshape(-1)
     order = torch.sort(seg, stable=True).indices
-    pos = ((order // top_n) % n_tok).to(torch.int32)
+    pos = (first + (order // top_n) % n_tok).to(torch.int32)
     counts = torch.bincount(seg, minlength=n_seg + 1)[:n_seg]
     offsets = torch.zeros(n_seg + 1, dtype=torch.int64, device=dev)
     offsets[1:] = torch.cumsum(counts, 0)
@@ -340,7 +505,7 @@ def invert_selection(idx, cu, max_blocks, chunk):
     n_work = n_seg + triton.cdiv(seg.numel(), chunk)
     work = torch.arange(n_work, device=dev)
     work_seg = torch.searchsorted(work_off[1:], work, right=True).to(torch.int32)
-    return pos, offsets, work_seg, work_off
+    return pos, order.to(torch.int32), offsets, work_seg, work_off
 
 
 def selected_backward(
@@ -360,7 +525,7 @@ def selected_backward(
     )  # fmt: skip
     max_blocks = triton.cdiv(max_len, params.block_size)
     block_m, warps, stages, chunk = _dkdv_config(q)
-    pos, seg, work_seg, work_off = invert_selection(idx, cu, max_blocks, chunk)
+    pos, _, seg, work_seg, work_off = invert_selection(idx, cu, max_blocks, chunk)
     for key in ("BH", "TOPN", "num_warps", "num_stages"):
         consts.pop(key)
     n_work = work_seg.numel()
