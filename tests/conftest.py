@@ -22,3 +22,12 @@ def pytest_collection_modifyitems(config, items):
 def rng():
     """A fresh, seeded generator per test: random inputs, reproducible failures."""
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little") % 2**31)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models and tensors: more threads only add synchronisation (and contention on a shared CI machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,13 +23,7 @@ PARAMS = SparsityParams(**GEOMETRY)
 NAMES = ("q", "k", "v", "k_cmp", "v_cmp", "gates")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: threads only add synchronisation (and contention on a loaded CI machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sequence(rng, length, q_heads, kv_heads, dim, dtype=torch.float64, params=PARAMS, windows=False):

@@ -19,13 +19,7 @@ SMALL = dict(window=64, block_size=16, top_n=4, compress_block=8, compress_strid
 NEW_TOKENS = 24
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: threads only add synchronisation (and contention on a loaded CI machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=[("llama-g4", "shared"), ("qwen2-tied-g7", "independent")])

@@ -48,13 +48,7 @@ def tensors(directory: Path) -> dict[str, torch.Tensor]:
     return found
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A tiny model: more threads only contend on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
