@@ -160,6 +160,21 @@ def selected_dq_kernel(
 
 
 @triton.jit
+def _work_item(w, seg, CU, SEG, WORK_OFF, n_seq, max_blocks, CHUNK: tl.constexpr):
+    """Work item w of segment seg (invert_selection): block j, KV head h, the sequence's start and length,
+    and the range [p_begin, p_end) of the segment's listed positions that this item takes."""
+    chunk = w - tl.load(WORK_OFF + seg)
+    j = seg % max_blocks
+    b = (seg // max_blocks) % n_seq
+    h = seg // (max_blocks * n_seq)
+    q_start = tl.load(CU + b)
+    T = tl.load(CU + b + 1) - q_start
+    p_begin = tl.load(SEG + seg) + chunk * CHUNK
+    p_end = tl.minimum(tl.load(SEG + seg + 1), p_begin + CHUNK)
+    return j, h, q_start, T, p_begin, p_end
+
+
+@triton.jit
 def selected_fwd_blocks_kernel(
     Q, K, V, PART_O, PART_L, CU, POS, ENTRY, SEG, WORK_SEG, WORK_OFF,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, n_seq, max_blocks, n_seg, scale_log2,
@@ -173,12 +188,7 @@ def selected_fwd_blocks_kernel(
     seg = tl.load(WORK_SEG + w)
     if seg >= n_seg:
         return
-    chunk = w - tl.load(WORK_OFF + seg)
-    j = seg % max_blocks
-    b = (seg // max_blocks) % n_seq
-    h = seg // (max_blocks * n_seq)
-    q_start = tl.load(CU + b)
-    T = tl.load(CU + b + 1) - q_start
+    j, h, q_start, T, p_begin, p_end = _work_item(w, seg, CU, SEG, WORK_OFF, n_seq, max_blocks, CHUNK)
     kb = tl.arange(0, BS)
     s = j * SEL + kb
     s_ok = (kb < SEL) & (s < T)
@@ -191,8 +201,7 @@ def selected_fwd_blocks_kernel(
     vv = tl.load(
         V + ktok[:, None] * sv_t + h * sv_h + dv[None, :], mask=s_ok[:, None] & (dv[None, :] < DV), other=0.0
     )
-    p_begin = tl.load(SEG + seg) + chunk * CHUNK
-    n_rows = (tl.minimum(tl.load(SEG + seg + 1), p_begin + CHUNK) - p_begin) * GROUP
+    n_rows = (p_end - p_begin) * GROUP
     for row0 in range(0, n_rows, BLOCK_M):
         rows = row0 + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
@@ -282,12 +291,7 @@ def selected_dkdv_kernel(
     seg = tl.load(WORK_SEG + w)
     if seg >= n_seg:
         return
-    chunk = w - tl.load(WORK_OFF + seg)
-    j = seg % max_blocks
-    b = (seg // max_blocks) % n_seq
-    h = seg // (max_blocks * n_seq)
-    q_start = tl.load(CU + b)
-    T = tl.load(CU + b + 1) - q_start
+    j, h, q_start, T, p_begin, p_end = _work_item(w, seg, CU, SEG, WORK_OFF, n_seq, max_blocks, CHUNK)
     kb = tl.arange(0, BS)
     s = j * SEL + kb
     s_ok = (kb < SEL) & (s < T)
@@ -300,8 +304,7 @@ def selected_dkdv_kernel(
     vv = tl.load(
         V + ktok[:, None] * sv_t + h * sv_h + dv[None, :], mask=s_ok[:, None] & (dv[None, :] < DV), other=0.0
     )
-    p_begin = tl.load(SEG + seg) + chunk * CHUNK
-    n_rows = (tl.minimum(tl.load(SEG + seg + 1), p_begin + CHUNK) - p_begin) * GROUP
+    n_rows = (p_end - p_begin) * GROUP
     acc_dk = tl.zeros([BS, BDK], tl.float32)
     acc_dv = tl.zeros([BS, BDV], tl.float32)
     for row0 in range(0, n_rows, BLOCK_M):
