@@ -1,0 +1,360 @@
+"""Small-scale reproduction of the NSA paper's claim, through nsa-convert.
+
+A dense GQA Llama (tens of millions of parameters, bytes as tokens) is pretrained on the Python standard
+library's sources, saved as a Hugging Face checkpoint and converted by nsa-convert. The dense model and the
+NSA model are then trained on the same further tokens at long context, and four models are evaluated:
+dense (pretrained), dense (continued), NSA at conversion and NSA (continued):
+
+- validation perplexity at each context length (held-out files; windows of their concatenation);
+- passkey retrieval at each length: a five-digit key stated at a depth spread over the trials inside
+  held-out code, asked for at the end. A trial counts when greedy decoding returns the key; one forward
+  pass checks it, since greedy decoding yields the key exactly when every key digit is the argmax after
+  the digits before it.
+
+Pretraining and continued training mix in passkey documents built from training files (--passkey-frac),
+so that the dense model can retrieve before it is converted (the paper's models learned it at scale).
+
+    python benchmarks/reproduce_paper.py --out runs/repro                 # the H100 preset
+    python benchmarks/reproduce_paper.py --out /tmp/repro --preset tiny   # CPU, about a minute
+
+Writes OUT/results.json, OUT/dense (pretrained checkpoint), OUT/nsa (its conversion) and, when matplotlib
+is installed, OUT/perplexity.png and OUT/passkey.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import sysconfig
+import time
+import zlib
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+import nsa_convert
+from nsa_convert.api import nsa_modules
+from nsa_convert.config import NSAConfig
+
+SEP = 256
+"""Token between files (bytes are tokens 0–255)."""
+VOCAB = 264
+HELD_OUT = 20
+"""One file in HELD_OUT (by a hash of its path) is validation text."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    pretrain_len: int
+    pretrain_steps: int
+    pretrain_batch: int
+    long_len: int
+    continue_steps: int
+    continue_batch: int
+    lr: float
+    continue_lr: float
+    nsa_lr: float
+    eval_lens: tuple[int, ...]
+    eval_tokens: int
+    passkey_lens: tuple[int, ...]
+    passkey_trials: int
+    nsa: dict
+    eval_batch: int
+
+
+PRESETS = {
+    "h100": Preset(
+        hidden=512, layers=8, heads=8, kv_heads=2, ffn=1408,
+        pretrain_len=4096, pretrain_steps=1500, pretrain_batch=16,
+        long_len=16384, continue_steps=200, continue_batch=4,
+        lr=1.5e-3, continue_lr=3e-4, nsa_lr=1e-3,
+        eval_lens=(1024, 2048, 4096, 8192, 16384), eval_tokens=1 << 20,
+        passkey_lens=(4096, 8192, 16384), passkey_trials=50,
+        nsa=dict(block_size=64, top_n=16, window=512, compress_block=32, compress_stride=16), eval_batch=8,
+    ),
+    "tiny": Preset(
+        hidden=64, layers=2, heads=4, kv_heads=2, ffn=128,
+        pretrain_len=128, pretrain_steps=30, pretrain_batch=4,
+        long_len=256, continue_steps=4, continue_batch=2,
+        lr=3e-3, continue_lr=1e-3, nsa_lr=1e-3,
+        eval_lens=(32, 256), eval_tokens=1024,
+        passkey_lens=(128, 256), passkey_trials=4,
+        nsa=dict(block_size=16, top_n=3, window=32, compress_block=8, compress_stride=4), eval_batch=4,
+    ),
+}  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="directory for checkpoints and results")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="h100")
+    parser.add_argument("--device", default="auto", help="cpu, cuda… (auto: cuda when available)")
+    parser.add_argument(
+        "--passkey-frac", type=float, default=0.1, help="share of training rows with a passkey"
+    )
+    parser.add_argument("--pretrain-steps", type=int, help="override the preset's")
+    parser.add_argument("--continue-steps", type=int, help="override the preset's")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def corpus() -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) token streams: the stdlib's .py files as bytes, SEP after each file."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    sep = torch.tensor([SEP], dtype=torch.int16)
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root).as_posix()
+        if "site-packages" in relative or "__pycache__" in relative:
+            continue
+        data = path.read_bytes()
+        if data:
+            held_out = zlib.crc32(relative.encode()) % HELD_OUT == 0
+            parts[held_out] += [torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int16), sep]
+    return torch.cat(parts[False]).long(), torch.cat(parts[True]).long()
+
+
+def _encode(text: str) -> torch.Tensor:
+    return torch.tensor(list(text.encode()), dtype=torch.long)
+
+
+def passkey_row(stream: torch.Tensor, length: int, depth: float, key: str, start: int) -> torch.Tensor:
+    """length tokens: filler from stream[start:], the key stated at `depth` of it, then the question and key."""
+    intro = _encode(f"\n# The pass key is {key}. Remember it. {key} is the pass key.\n")
+    question = _encode("\n# What is the pass key? The pass key is ")
+    answer = _encode(key)
+    filler = stream[start : start + length - len(intro) - len(question) - len(answer)]
+    cut = int(depth * len(filler))
+    return torch.cat([filler[:cut], intro, filler[cut:], question, answer])
+
+
+def _key(gen: torch.Generator) -> str:
+    return "".join(str(d) for d in torch.randint(0, 10, (5,), generator=gen).tolist())
+
+
+def training_rows(stream: torch.Tensor, length: int, batch: int, passkey_frac: float, gen: torch.Generator):
+    """Endless batches [batch, length] of random windows, a passkey_frac share of them passkey documents."""
+    while True:
+        rows = []
+        for _ in range(batch):
+            start = int(torch.randint(0, len(stream) - length, (1,), generator=gen))
+            if torch.rand(1, generator=gen).item() < passkey_frac:
+                rows.append(
+                    passkey_row(stream, length, torch.rand(1, generator=gen).item(), _key(gen), start)
+                )
+            else:
+                rows.append(stream[start : start + length])
+        yield torch.stack(rows)
+
+
+def _new_parameter_ids(model: PreTrainedModel) -> set[int]:
+    return {id(p) for module in nsa_modules(model).values() for p in module.parameters()}
+
+
+def train(model, rows, steps: int, lr: float, nsa_lr: float, device: torch.device, log: list) -> float:
+    """AdamW with warm-up then cosine decay; NSA's new parameters at nsa_lr. Returns tokens per second."""
+    new = _new_parameter_ids(model)
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) not in new], "lr": lr},
+        {"params": [p for p in model.parameters() if id(p) in new], "lr": nsa_lr},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95), weight_decay=0.1)
+    base = [g["lr"] for g in optimizer.param_groups]
+    warmup = max(1, steps // 20)
+    model.train()
+    tokens, start = 0, time.perf_counter()
+    for step in range(steps):
+        scale = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * step / steps))
+        for group, lr0 in zip(optimizer.param_groups, base, strict=True):
+            group["lr"] = lr0 * scale
+        ids = next(rows).to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += ids.numel()
+        log.append(round(loss.item(), 4))
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
+            print(f"  step {step + 1}/{steps}: loss {log[-1]:.4f}", flush=True)
+    return tokens / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def perplexity(model, stream: torch.Tensor, length: int, tokens: int, batch: int, device) -> float:
+    """exp(mean next-token loss) over windows of `length` spread evenly over the stream."""
+    count = max(1, min(tokens // length, (len(stream) - 1) // length))
+    starts = torch.linspace(0, len(stream) - length - 1, count).long().tolist()
+    total, n = 0.0, 0
+    for i in range(0, count, batch):
+        ids = torch.stack([stream[s : s + length] for s in starts[i : i + batch]]).to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=ids).logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        total, n = total + loss.item(), n + ids[:, 1:].numel()
+    return math.exp(total / n)
+
+
+@torch.no_grad()
+def passkey_accuracy(model, stream, length: int, trials: int, batch: int, device, seed: int) -> float:
+    """Share of trials (depths spread over the filler) whose five key digits greedy decoding returns."""
+    gen = torch.Generator().manual_seed(seed + length)
+    rows = []
+    for i in range(trials):
+        start = int(torch.randint(0, len(stream) - length, (1,), generator=gen))
+        rows.append(passkey_row(stream, length, (i + 0.5) / trials, _key(gen), start))
+    hits = 0
+    for i in range(0, trials, batch):
+        ids = torch.stack(rows[i : i + batch]).to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=ids).logits
+        predicted = logits[:, -6:-1].argmax(-1)
+        hits += (predicted == ids[:, -5:]).all(-1).sum().item()
+    return hits / trials
+
+
+def evaluate(model, val: torch.Tensor, preset: Preset, device, seed: int) -> dict:
+    model.eval()
+    result = {
+        "perplexity": {
+            str(n): perplexity(model, val, n, preset.eval_tokens, preset.eval_batch, device)
+            for n in preset.eval_lens
+        },
+        "passkey": {
+            str(n): passkey_accuracy(model, val, n, preset.passkey_trials, preset.eval_batch, device, seed)
+            for n in preset.passkey_lens
+        },
+    }
+    print(f"  {result}", flush=True)
+    return result
+
+
+def dense_model(preset: Preset) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=preset.hidden, intermediate_size=preset.ffn,
+        num_hidden_layers=preset.layers, num_attention_heads=preset.heads,
+        num_key_value_heads=preset.kv_heads, max_position_embeddings=preset.long_len, rope_theta=500000.0,
+        bos_token_id=None, eos_token_id=SEP, pad_token_id=None, tie_word_embeddings=True,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def _checkpointing(model: PreTrainedModel) -> None:
+    """Activation checkpointing under either of transformers' names for it."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
+def plot(results: dict, out: Path) -> list[str]:
+    """perplexity.png and passkey.png, when matplotlib is installed; returns the files written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots", flush=True)
+        return []
+    written = []
+    for metric, ylabel in (("perplexity", "validation perplexity"), ("passkey", "passkey accuracy")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, model in results["models"].items():
+            lengths = [int(n) for n in model[metric]]
+            ax.plot(lengths, list(model[metric].values()), marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"{metric}.png", dpi=120)
+        plt.close(fig)
+        written.append(f"{metric}.png")
+    return written
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    overrides = {"pretrain_steps": args.pretrain_steps, "continue_steps": args.continue_steps}
+    preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    device = torch.device(
+        args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    train_stream, val = corpus()
+    print(
+        f"corpus: {len(train_stream) / 1e6:.1f} M training tokens, {len(val) / 1e6:.2f} M held out",
+        flush=True,
+    )
+    results: dict = {"preset": args.preset, "settings": dataclasses.asdict(preset), "device": str(device)}
+    results["settings"]["passkey_frac"] = args.passkey_frac
+    if device.type == "cuda":
+        results["gpu"] = torch.cuda.get_device_name(device)
+    losses: dict[str, list] = {}
+    speed: dict[str, float] = {}
+    models: dict[str, dict] = {}
+
+    print("pretraining the dense model", flush=True)
+    dense = dense_model(preset).to(device)
+    results["parameters"] = sum(p.numel() for p in dense.parameters())
+    rows = training_rows(train_stream, preset.pretrain_len, preset.pretrain_batch, args.passkey_frac, gen)
+    losses["pretrain"] = []
+    speed["pretrain"] = train(
+        dense, rows, preset.pretrain_steps, preset.lr, preset.lr, device, losses["pretrain"]
+    )
+    dense.save_pretrained(args.out / "dense")
+    models["dense"] = evaluate(dense, val, preset, device, args.seed)
+
+    print("converting", flush=True)
+    start = time.perf_counter()
+    nsa_convert.convert(args.out / "dense", args.out / "nsa", NSAConfig(**preset.nsa), overwrite=True)
+    results["convert_s"] = time.perf_counter() - start
+    nsa = nsa_convert.load(args.out / "nsa", device=device, dtype=torch.float32)
+    models["nsa_converted"] = evaluate(nsa, val, preset, device, args.seed)
+
+    for name, model, lr, nsa_lr in (
+        ("dense_continued", dense, preset.continue_lr, preset.continue_lr),
+        ("nsa_continued", nsa, preset.continue_lr, preset.nsa_lr),
+    ):
+        print(f"continued training: {name}", flush=True)
+        _checkpointing(model)
+        rows = training_rows(
+            train_stream, preset.long_len, preset.continue_batch, args.passkey_frac,
+            torch.Generator().manual_seed(args.seed + 1),
+        )  # fmt: skip
+        losses[name] = []
+        speed[name] = train(model, rows, preset.continue_steps, lr, nsa_lr, device, losses[name])
+        models[name] = evaluate(model, val, preset, device, args.seed)
+
+    results.update(models=models, losses=losses, tokens_per_s=speed)
+    longest = str(max(preset.eval_lens))
+    results["nsa_vs_dense_perplexity"] = {
+        n: models["nsa_continued"]["perplexity"][n] / models["dense_continued"]["perplexity"][n]
+        for n in models["dense"]["perplexity"]
+    }
+    results["targets"] = {
+        "nsa_within_3pct_of_dense_at_longest": results["nsa_vs_dense_perplexity"][longest] <= 1.03,
+        "nsa_passkey_at_longest": models["nsa_continued"]["passkey"][str(max(preset.passkey_lens))],
+    }
+    results["plots"] = plot(results, args.out)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps({k: results[k] for k in ("nsa_vs_dense_perplexity", "targets")}, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,98 @@
+"""benchmarks/reproduce_paper.py end to end with its CPU preset: pretrain, convert, continue, evaluate."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location(
+        "reproduce_paper", ROOT / "benchmarks" / "reproduce_paper.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass resolves annotations through the module
+    spec.loader.exec_module(module)
+    return module
+
+
+script = load_script()
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("repro")
+    return out, script.main(["--out", str(out), "--preset", "tiny"])
+
+
+def test_writes_every_model_and_metric(run):
+    out, results = run
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    preset = script.PRESETS["tiny"]
+    assert set(results["models"]) == {"dense", "nsa_converted", "dense_continued", "nsa_continued"}
+    for model in results["models"].values():
+        assert [int(n) for n in model["perplexity"]] == list(preset.eval_lens)
+        assert all(math.isfinite(p) and 1 < p < script.VOCAB for p in model["perplexity"].values())
+        assert [int(n) for n in model["passkey"]] == list(preset.passkey_lens)
+        assert all(0 <= a <= 1 for a in model["passkey"].values())
+    section = json.loads((out / "nsa" / "config.json").read_text())["nsa"]
+    assert {k: section["config"][k] for k in preset.nsa} == preset.nsa
+    assert len(section["sites"]) == preset.layers
+
+
+def test_converted_model_keeps_the_dense_perplexity_within_the_window(run):
+    """At T ≤ min(w, n·l') the converted model computes the dense model; past it, NSA differs."""
+    _, results = run
+    dense, nsa = results["models"]["dense"]["perplexity"], results["models"]["nsa_converted"]["perplexity"]
+    short, long = (str(n) for n in script.PRESETS["tiny"].eval_lens)
+    assert abs(nsa[short] / dense[short] - 1) < 1e-3
+    assert nsa[long] != dense[long]
+
+
+def test_training_lowers_the_loss(run):
+    _, results = run
+    losses = results["losses"]
+    assert all(math.isfinite(x) for log in losses.values() for x in log)
+    assert max(losses["pretrain"][-5:]) < min(losses["pretrain"][:3]) - 1.0
+
+
+def test_passkey_row_states_the_key_at_its_depth_and_ends_with_it():
+    stream = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(1))
+    row = script.passkey_row(stream, 600, 0.25, "40917", 123)
+    text = bytes(row.tolist())
+    assert len(row) == 600 and text.endswith(b"The pass key is 40917")
+    statement = text.index(b"\n# The pass key is 40917.")
+    filler = 600 - len(b"\n# The pass key is 40917. Remember it. 40917 is the pass key.\n") - 46
+    assert statement == int(0.25 * filler)
+    assert torch.equal(row[:statement], stream[123 : 123 + statement])
+
+
+class Oracle(torch.nn.Module):
+    """Puts all its mass on the true next token of its input, except at position `wrong`."""
+
+    def __init__(self, wrong: int):
+        super().__init__()
+        self.wrong = wrong
+
+    def forward(self, input_ids):
+        target = torch.roll(input_ids, -1, dims=1)
+        target[:, self.wrong] = (target[:, self.wrong] + 1) % 256
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(target, script.VOCAB).float())
+
+
+@pytest.mark.parametrize("wrong,accuracy", [(-1, 1.0), (-2, 0.0), (-6, 0.0), (-7, 1.0)])
+def test_passkey_check_reads_exactly_the_five_key_predictions(wrong, accuracy):
+    """Logits at −6 … −2 predict the key digits; the last one and those before the key do not count."""
+    stream = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(2))
+    got = script.passkey_accuracy(Oracle(wrong), stream, 300, 3, 2, torch.device("cpu"), seed=0)
+    assert got == accuracy
