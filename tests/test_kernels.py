@@ -183,6 +183,26 @@ def test_both_selected_forwards_match_reference(path, hq, hkv, rng, monkeypatch)
     assert torch.allclose(lse.double(), ref_lse, atol=1e-5)
 
 
+def test_block_by_block_forward_on_many_packed_documents(rng, monkeypatch):
+    """Chunks of 7 positions over documents of every size (each chunk's work list covers only the documents
+    it overlaps) give what the position-by-position forward gives."""
+    p = SMALL.resolved(16)
+    lengths = [50, 3, 1, 7, 0, 33, 2]
+    hq, hkv = 4, 2
+    seqs = [_inputs(1, n, hq, hkv, 16, 16, p, rng) for n in lengths]
+    packed = {name: torch.cat([s[name][0] for s in seqs]) for name in seqs[0]}
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    results = {}
+    for path in ("blocks", "positions"):
+        monkeypatch.setattr(selected, "BLOCKS_BELOW_GROUP", 10**6 if path == "blocks" else 0)
+        monkeypatch.setattr(selected, "PARTIAL_BYTES", 7 * hq * p.top_n * (16 * 4 + 4))
+        results[path] = nsa_forward_varlen(**packed, params=p, cu_seqlens=cu)
+    (out_b, lse_b, idx_b), (out_p, lse_p, idx_p) = results["blocks"], results["positions"]
+    assert torch.equal(idx_b, idx_p)
+    assert _rel(out_b, out_p) < 1e-5
+    assert torch.allclose(lse_b, lse_p, atol=1e-5)
+
+
 def test_select_blocks_matches_forward_selection(rng):
     x = _inputs(1, 90, 4, 1, 16, 16, DEFAULTISH, rng)
     p = DEFAULTISH.resolved(16)

@@ -17,6 +17,7 @@ each sequence, ascending, −1 padded), gates/lse [N, Hq, 3] (column 1 is this b
 
 from __future__ import annotations
 
+import bisect
 import os
 
 import torch
@@ -160,12 +161,12 @@ def selected_dq_kernel(
 
 
 @triton.jit
-def _work_item(w, seg, CU, SEG, WORK_OFF, n_seq, max_blocks, CHUNK: tl.constexpr):
+def _work_item(w, seg, CU, SEG, WORK_OFF, seq_first, n_seq, max_blocks, CHUNK: tl.constexpr):
     """Work item w of segment seg (invert_selection): block j, KV head h, the sequence's start and length,
     and the range [p_begin, p_end) of the segment's listed positions that this item takes."""
     chunk = w - tl.load(WORK_OFF + seg)
     j = seg % max_blocks
-    b = (seg // max_blocks) % n_seq
+    b = seq_first + (seg // max_blocks) % n_seq
     h = seg // (max_blocks * n_seq)
     q_start = tl.load(CU + b)
     T = tl.load(CU + b + 1) - q_start
@@ -177,7 +178,7 @@ def _work_item(w, seg, CU, SEG, WORK_OFF, n_seq, max_blocks, CHUNK: tl.constexpr
 @triton.jit
 def selected_fwd_blocks_kernel(
     Q, K, V, PART_O, PART_L, CU, POS, ENTRY, SEG, WORK_SEG, WORK_OFF,
-    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, n_seq, max_blocks, n_seg, scale_log2,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, seq_first, n_seq, max_blocks, n_seg, scale_log2,
     GROUP: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
 ):  # fmt: skip
@@ -188,7 +189,9 @@ def selected_fwd_blocks_kernel(
     seg = tl.load(WORK_SEG + w)
     if seg >= n_seg:
         return
-    j, h, q_start, T, p_begin, p_end = _work_item(w, seg, CU, SEG, WORK_OFF, n_seq, max_blocks, CHUNK)
+    j, h, q_start, T, p_begin, p_end = _work_item(
+        w, seg, CU, SEG, WORK_OFF, seq_first, n_seq, max_blocks, CHUNK
+    )
     kb = tl.arange(0, BS)
     s = j * SEL + kb
     s_ok = (kb < SEL) & (s < T)
@@ -291,7 +294,7 @@ def selected_dkdv_kernel(
     seg = tl.load(WORK_SEG + w)
     if seg >= n_seg:
         return
-    j, h, q_start, T, p_begin, p_end = _work_item(w, seg, CU, SEG, WORK_OFF, n_seq, max_blocks, CHUNK)
+    j, h, q_start, T, p_begin, p_end = _work_item(w, seg, CU, SEG, WORK_OFF, 0, n_seq, max_blocks, CHUNK)
     kb = tl.arange(0, BS)
     s = j * SEL + kb
     s_ok = (kb < SEL) & (s < T)
@@ -448,25 +451,29 @@ def selected_forward(q, k, v, idx, gates, acc, lse, cu, max_len, params, *, accu
 
 
 def _selected_forward_blocks(q, k, v, idx, gates, acc, lse, cu, max_len, params, consts, mode):
-    """The block-by-block forward (module docstring), in chunks of positions under PARTIAL_BYTES."""
+    """The block-by-block forward (module docstring), in chunks of positions under PARTIAL_BYTES; each
+    chunk's work list covers only the sequences it overlaps (many short packed documents stay cheap)."""
     n_tok, hq, _ = q.shape
     hkv, top_n, group, bdv = k.shape[1], params.top_n, consts["GROUP"], consts["BDV"]
     step = max(1, PARTIAL_BYTES // (hq * top_n * (bdv * q.element_size() + 4)))
     block_m, warps, stages, chunk = _blocks_config(q)
-    max_blocks = triton.cdiv(max_len, params.block_size)
-    n_seq = cu.numel() - 1
+    offsets = cu.tolist()
     gather = {name: consts[name] for name in ("GROUP", "SEL", "BS", "DK", "DV", "BDK", "BDV")}
     for first in range(0, n_tok, step):
         n = min(step, n_tok - first)
+        seq_first = bisect.bisect_right(offsets, first) - 1
+        n_seq = bisect.bisect_left(offsets, first + n) - seq_first
+        longest = max(offsets[b + 1] - offsets[b] for b in range(seq_first, seq_first + n_seq))
+        max_blocks = triton.cdiv(longest, params.block_size)
         pos, entry, seg, work_seg, work_off = invert_selection(
-            idx[first : first + n], cu, max_blocks, chunk, first
+            idx[first : first + n], cu, max_blocks, chunk, first, seq_first, n_seq
         )
         part_o = torch.empty(hkv * n * top_n * group, bdv, dtype=q.dtype, device=q.device)
         part_l = torch.empty(part_o.shape[0], dtype=torch.float32, device=q.device)
         selected_fwd_blocks_kernel[(work_seg.numel(),)](
-            q, k, v, part_o, part_l, cu, pos, entry, seg, work_seg, work_off,
+            q, k, v, part_o, part_l, cu, pos, entry.to(torch.int32), seg, work_seg, work_off,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            n_seq, max_blocks, hkv * n_seq * max_blocks, params.scale * LOG2E,
+            seq_first, n_seq, max_blocks, hkv * n_seq * max_blocks, params.scale * LOG2E,
             BLOCK_M=block_m, CHUNK=chunk, num_warps=warps, num_stages=stages, **gather,
         )  # fmt: skip
         selected_combine_kernel[(n, hkv)](
@@ -477,22 +484,23 @@ def _selected_forward_blocks(q, k, v, idx, gates, acc, lse, cu, max_len, params,
         )  # fmt: skip
 
 
-def invert_selection(idx, cu, max_blocks, chunk, first=0):
+def invert_selection(idx, cu, max_blocks, chunk, first=0, seq_first=0, n_seq=None):
     """(POS, ENTRY, SEG, WORK_SEG, WORK_OFF): the positions that selected each block, and the work list.
 
     idx [n, Hkv, top_n] holds the block ids (local to each sequence) of packed tokens first … first + n − 1,
-    whose cells (h, token, slot) are numbered (h·n + token − first)·top_n + slot. Segment (h, sequence,
-    block) lists the cells that name its block by ascending token: their packed token indices in
-    POS[SEG[seg] : SEG[seg + 1]] and their numbers in ENTRY (a stable sort, so sums over a segment run in
-    a fixed order). Segment seg splits into chunks of `chunk` positions, work items WORK_OFF[seg] …
+    which lie in sequences seq_first … seq_first + n_seq − 1 (default: all) of at most max_blocks blocks.
+    Cells (h, token, slot) are numbered (h·n + token − first)·top_n + slot. Segment (h, sequence, block)
+    lists the cells that name its block by ascending token: their packed token indices in
+    POS[SEG[seg] : SEG[seg + 1]] and their numbers in ENTRY (int64; a stable sort, so sums over a segment
+    run in a fixed order). Segment seg splits into chunks of `chunk` positions, work items WORK_OFF[seg] …
     WORK_OFF[seg + 1] − 1; WORK_SEG maps each work item back to its segment (n_seg past the end). The
     work list has a static upper bound, so nothing waits on the device.
     """
     n_tok, hkv, top_n = idx.shape
-    n_seq = cu.numel() - 1
+    n_seq = cu.numel() - 1 if n_seq is None else n_seq
     dev = idx.device
     tokens = torch.arange(first, first + n_tok, device=dev)
-    seq = torch.searchsorted(cu[1:].to(torch.int64), tokens, right=True)
+    seq = torch.searchsorted(cu[1:].to(torch.int64), tokens, right=True) - seq_first
     heads = torch.arange(hkv, device=dev)
     local = idx.permute(1, 0, 2)
     seg = (heads[:, None, None] * n_seq + seq[None, :, None]) * max_blocks + local
@@ -500,15 +508,15 @@ def invert_selection(idx, cu, max_blocks, chunk, first=0):
     seg = torch.where(local >= 0, seg, n_seg).reshape(-1)
     order = torch.sort(seg, stable=True).indices
     pos = (first + (order // top_n) % n_tok).to(torch.int32)
-    counts = torch.bincount(seg, minlength=n_seg + 1)[:n_seg]
+    counts = torch.zeros(n_seg + 1, dtype=torch.int64, device=dev).scatter_add_(0, seg, torch.ones_like(seg))
     offsets = torch.zeros(n_seg + 1, dtype=torch.int64, device=dev)
-    offsets[1:] = torch.cumsum(counts, 0)
+    offsets[1:] = torch.cumsum(counts[:n_seg], 0)
     work_off = torch.zeros(n_seg + 1, dtype=torch.int64, device=dev)
-    work_off[1:] = torch.cumsum((counts + chunk - 1) // chunk, 0)
+    work_off[1:] = torch.cumsum((counts[:n_seg] + chunk - 1) // chunk, 0)
     n_work = n_seg + triton.cdiv(seg.numel(), chunk)
     work = torch.arange(n_work, device=dev)
     work_seg = torch.searchsorted(work_off[1:], work, right=True).to(torch.int32)
-    return pos, order.to(torch.int32), offsets, work_seg, work_off
+    return pos, order, offsets, work_seg, work_off
 
 
 def selected_backward(
