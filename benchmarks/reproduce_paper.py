@@ -160,34 +160,53 @@ def _new_parameter_ids(model: PreTrainedModel) -> set[int]:
     return {id(p) for module in nsa_modules(model).values() for p in module.parameters()}
 
 
-def train(model, rows, steps: int, lr: float, nsa_lr: float, device: torch.device, log: list) -> float:
-    """AdamW with warm-up then cosine decay; NSA's new parameters at nsa_lr. Returns tokens per second."""
+def optimizer(model: PreTrainedModel, lr: float, nsa_lr: float) -> torch.optim.AdamW:
+    """AdamW: NSA's new parameters at nsa_lr, the others at lr; weight decay on matrices only (not on
+    norms, biases or the gates' initial logits)."""
     new = _new_parameter_ids(model)
-    groups = [
-        {"params": [p for p in model.parameters() if id(p) not in new], "lr": lr},
-        {"params": [p for p in model.parameters() if id(p) in new], "lr": nsa_lr},
-    ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95), weight_decay=0.1)
-    base = [g["lr"] for g in optimizer.param_groups]
+    groups = []
+    for rate, is_new in ((lr, False), (nsa_lr, True)):
+        chosen = [p for p in model.parameters() if (id(p) in new) == is_new]
+        groups += [
+            {"params": [p for p in chosen if p.dim() >= 2], "lr": rate, "weight_decay": 0.1},
+            {"params": [p for p in chosen if p.dim() < 2], "lr": rate, "weight_decay": 0.0},
+        ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95))
+
+
+def lr_scale(step: int, steps: int) -> float:
+    """Linear warm-up over the first 5% of the steps, then cosine decay to 10% at the last step."""
     warmup = max(1, steps // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - 1 - warmup)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
+def train(model, rows, steps: int, lr: float, nsa_lr: float, device: torch.device, log: list) -> float:
+    """Train for `steps` steps; returns tokens per second after the first step (compilation excluded)."""
+    opt = optimizer(model, lr, nsa_lr)
+    base = [g["lr"] for g in opt.param_groups]
     model.train()
     tokens, start = 0, time.perf_counter()
     for step in range(steps):
-        scale = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * step / steps))
-        for group, lr0 in zip(optimizer.param_groups, base, strict=True):
-            group["lr"] = lr0 * scale
+        for group, lr0 in zip(opt.param_groups, base, strict=True):
+            group["lr"] = lr0 * lr_scale(step, steps)
         ids = next(rows).to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += ids.numel()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         log.append(round(loss.item(), 4))
+        if step == 0:
+            start = time.perf_counter()
+        else:
+            tokens += ids.numel()
         if step % max(1, steps // 10) == 0 or step == steps - 1:
             print(f"  step {step + 1}/{steps}: loss {log[-1]:.4f}", flush=True)
-    return tokens / (time.perf_counter() - start)
+    return tokens / (time.perf_counter() - start) if tokens else float("nan")
 
 
 @torch.no_grad()
@@ -199,7 +218,7 @@ def perplexity(model, stream: torch.Tensor, length: int, tokens: int, batch: int
     for i in range(0, count, batch):
         ids = torch.stack([stream[s : s + length] for s in starts[i : i + batch]]).to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(input_ids=ids).logits.float()
+            logits = model(input_ids=ids, use_cache=False).logits.float()
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
         )
@@ -219,7 +238,7 @@ def passkey_accuracy(model, stream, length: int, trials: int, batch: int, device
     for i in range(0, trials, batch):
         ids = torch.stack(rows[i : i + batch]).to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(input_ids=ids).logits
+            logits = model(input_ids=ids, use_cache=False).logits
         predicted = logits[:, -6:-1].argmax(-1)
         hits += (predicted == ids[:, -5:]).all(-1).sum().item()
     return hits / trials

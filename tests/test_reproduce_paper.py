@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import sys
@@ -11,6 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+import nsa_convert
+from nsa_convert.api import nsa_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +36,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("repro")
-    return out, script.main(["--out", str(out), "--preset", "tiny"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only contend on a shared machine
+    try:
+        return out, script.main(["--out", str(out), "--preset", "tiny"])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_writes_every_model_and_metric(run):
@@ -78,16 +87,16 @@ def test_passkey_row_states_the_key_at_its_depth_and_ends_with_it():
 
 
 class Oracle(torch.nn.Module):
-    """Puts all its mass on the true next token of its input, except at position `wrong`."""
+    """Puts (nearly) all its mass on the true next token of its input, except at position `wrong`."""
 
     def __init__(self, wrong: int):
         super().__init__()
         self.wrong = wrong
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, use_cache=True):
         target = torch.roll(input_ids, -1, dims=1)
         target[:, self.wrong] = (target[:, self.wrong] + 1) % 256
-        return SimpleNamespace(logits=torch.nn.functional.one_hot(target, script.VOCAB).float())
+        return SimpleNamespace(logits=50.0 * torch.nn.functional.one_hot(target, script.VOCAB).float())
 
 
 @pytest.mark.parametrize("wrong,accuracy", [(-1, 1.0), (-2, 0.0), (-6, 0.0), (-7, 1.0)])
@@ -96,3 +105,35 @@ def test_passkey_check_reads_exactly_the_five_key_predictions(wrong, accuracy):
     stream = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(2))
     got = script.passkey_accuracy(Oracle(wrong), stream, 300, 3, 2, torch.device("cpu"), seed=0)
     assert got == accuracy
+
+
+def test_perplexity_scores_each_token_by_the_prediction_before_it():
+    """An oracle scores perplexity 1 (the last position predicts past the window and does not count); one
+    wrong prediction among 15 costs exp(50 / 15)."""
+    stream = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(3))
+    perfect = script.perplexity(Oracle(-1), stream, 16, 160, 4, torch.device("cpu"))
+    one_wrong = script.perplexity(Oracle(-2), stream, 16, 160, 4, torch.device("cpu"))
+    assert perfect == pytest.approx(1.0, abs=1e-6)
+    assert one_wrong == pytest.approx(math.exp(50 / 15), rel=1e-3)
+
+
+def test_new_parameters_train_at_their_own_rate_without_decay_on_vectors(run):
+    out, _ = run
+    model = nsa_convert.load(out / "nsa")
+    new = {id(p) for m in nsa_modules(model).values() for p in m.parameters()}
+    assert new
+    opt = script.optimizer(model, 1e-3, 5e-2)
+    seen = set()
+    for group in opt.param_groups:
+        for p in group["params"]:
+            seen.add(id(p))
+            assert group["lr"] == (5e-2 if id(p) in new else 1e-3)
+            assert group["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0)
+    assert seen == {id(p) for p in model.parameters()}
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    scales = [script.lr_scale(step, 100) for step in range(100)]
+    assert scales[0] == pytest.approx(0.2) and scales[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(scales[4:]))
+    assert scales[-1] == pytest.approx(0.1)
