@@ -290,6 +290,36 @@ def _check_rank4(**tensors: Tensor | None) -> None:
             raise ValueError(f"{name} must have 4 dimensions, got shape {tuple(x.shape)}")
 
 
+def _check_group(num_q_heads: int, num_kv_heads: int) -> None:
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"the query heads ({num_q_heads}) must be a multiple of the KV heads ({num_kv_heads})"
+        )
+
+
+def _check_window_pair(k_win: Tensor | None, v_win: Tensor | None) -> None:
+    if (k_win is None) != (v_win is None):
+        raise ValueError("k_win and v_win must be given together (or both left out)")
+
+
+def _check_shapes(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]], source: str) -> None:
+    """Each expected tensor's shape; `source` names what the expectation was derived from."""
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, expected {shape} from {source}")
+
+
+def _check_like_q(q: Tensor, tensors: dict[str, Tensor | None]) -> None:
+    """Every given tensor in q's dtype and on q's device."""
+    for name, x in tensors.items():
+        if x is None:
+            continue
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {x.dtype} but q has {q.dtype}: cast all inputs to one dtype")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+
+
 def _check_common(q: Tensor, k_cmp: Tensor, params: SparsityParams) -> None:
     """Checks shared by both ops: q against k_cmp, and Tc against T."""
     batch, seq_len, num_q_heads, head_dim = q.shape
@@ -301,11 +331,7 @@ def _check_common(q: Tensor, k_cmp: Tensor, params: SparsityParams) -> None:
         raise ValueError(
             f"k_cmp {tuple(k_cmp.shape)} must be (B, Tc, Hkv, Dk) with B = {batch} and Dk = {head_dim} like q"
         )
-    num_kv_heads = k_cmp.shape[2]
-    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
-        raise ValueError(
-            f"the query heads ({num_q_heads}) must be a multiple of the KV heads ({num_kv_heads})"
-        )
+    _check_group(num_q_heads, k_cmp.shape[2])
     expected = num_compressed_blocks(seq_len, params.compress_block, params.compress_stride)
     if k_cmp.shape[1] != expected:
         raise ValueError(
@@ -335,25 +361,12 @@ def _check_attention(
         "v_cmp": (batch, k_cmp.shape[1], num_kv_heads, value_dim),
         "gates": (batch, seq_len, num_q_heads, 3),
     }
-    if (k_win is None) != (v_win is None):
-        raise ValueError("k_win and v_win must be given together (or both left out)")
+    _check_window_pair(k_win, v_win)
     if k_win is not None:
         expected.update(k_win=expected["k"], v_win=expected["v"])
     tensors = {"k": k, "v": v, "v_cmp": v_cmp, "gates": gates, "k_win": k_win, "v_win": v_win}
-    for name, shape in expected.items():
-        actual = tensors[name]
-        if tuple(actual.shape) != shape:
-            raise ValueError(
-                f"{name} has shape {tuple(actual.shape)}, expected {shape} from q {tuple(q.shape)}, "
-                f"k_cmp {tuple(k_cmp.shape)} and v"
-            )
-    for name, x in {"k_cmp": k_cmp, **tensors}.items():
-        if x is None:
-            continue
-        if x.dtype != q.dtype:
-            raise ValueError(f"{name} has dtype {x.dtype} but q has {q.dtype}: cast all inputs to one dtype")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    _check_shapes(tensors, expected, f"q {tuple(q.shape)}, k_cmp {tuple(k_cmp.shape)} and v")
+    _check_like_q(q, {"k_cmp": k_cmp, **tensors})
 
 
 def nsa_attention_with_stats(
@@ -716,23 +729,19 @@ def _check_varlen(
     blocks: int,
 ) -> None:
     """Shapes, dtypes and devices of nsa_attention_varlen's packed inputs against q, v and the offsets."""
-    tensors = {"q": q, "k": k, "v": v, "k_cmp": k_cmp, "v_cmp": v_cmp, "gates": gates}
+    tensors = {"k": k, "v": v, "k_cmp": k_cmp, "v_cmp": v_cmp, "gates": gates}
     tensors.update({"k_win": k_win, "v_win": v_win} if k_win is not None and v_win is not None else {})
-    for name, x in tensors.items():
+    for name, x in {"q": q, **tensors}.items():
         if x.dim() != 3:
             raise ValueError(
                 f"{name} must have 3 dimensions (packed tokens first), got shape {tuple(x.shape)}"
             )
-    if (k_win is None) != (v_win is None):
-        raise ValueError("k_win and v_win must be given together (or both left out)")
+    _check_window_pair(k_win, v_win)
     if not q.is_floating_point():
         raise ValueError(f"q must be a floating-point tensor, got {q.dtype}")
     tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, value_dim = k.shape[1], v.shape[2]
-    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
-        raise ValueError(
-            f"the query heads ({num_q_heads}) must be a multiple of the KV heads ({num_kv_heads})"
-        )
+    _check_group(num_q_heads, num_kv_heads)
     expected = {
         "k": (tokens, num_kv_heads, head_dim),
         "v": (tokens, num_kv_heads, value_dim),
@@ -742,15 +751,8 @@ def _check_varlen(
         "k_win": (tokens, num_kv_heads, head_dim),
         "v_win": (tokens, num_kv_heads, value_dim),
     }
-    for name, x in tensors.items():
-        if name != "q" and tuple(x.shape) != expected[name]:
-            raise ValueError(
-                f"{name} has shape {tuple(x.shape)}, expected {expected[name]} from q, k, v and the offsets"
-            )
-        if x.dtype != q.dtype:
-            raise ValueError(f"{name} has dtype {x.dtype} but q has {q.dtype}: cast all inputs to one dtype")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    _check_shapes(tensors, {name: expected[name] for name in tensors}, "q, k, v and the offsets")
+    _check_like_q(q, tensors)
 
 
 def _document_lengths(cu_seqlens: Tensor, tokens: int, device: torch.device) -> list[int]:
@@ -851,12 +853,8 @@ def _check_decode(
     if not q.is_floating_point():
         raise ValueError(f"q must be a floating-point tensor, got {q.dtype}")
     num_kv_heads, value_dim, cached = k.shape[2], v.shape[3], k.shape[1]
-    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
-        raise ValueError(
-            f"the query heads ({num_q_heads}) must be a multiple of the KV heads ({num_kv_heads})"
-        )
-    if (k_win is None) != (v_win is None):
-        raise ValueError("k_win and v_win must be given together (or both left out)")
+    _check_group(num_q_heads, num_kv_heads)
+    _check_window_pair(k_win, v_win)
     expected: dict[str, tuple[int, ...]] = {
         "k": (batch, cached, num_kv_heads, head_dim),
         "v": (batch, cached, num_kv_heads, value_dim),
@@ -869,17 +867,8 @@ def _check_decode(
         expected["k_win"] = (batch, k_win.shape[1], num_kv_heads, head_dim)
         expected["v_win"] = (batch, k_win.shape[1], num_kv_heads, value_dim)
         tensors.update(k_win=k_win, v_win=v_win)
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(
-                f"{name} has shape {tuple(tensors[name].shape)}, expected {shape} from q {tuple(q.shape)} and k "
-                f"{tuple(k.shape)}"
-            )
-    for name, x in tensors.items():
-        if x.dtype != q.dtype:
-            raise ValueError(f"{name} has dtype {x.dtype} but q has {q.dtype}: cast all inputs to one dtype")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    _check_shapes(tensors, expected, f"q {tuple(q.shape)} and k {tuple(k.shape)}")
+    _check_like_q(q, tensors)
     if seq_lens.shape != (batch,) or seq_lens.dtype not in (torch.int32, torch.int64):
         raise ValueError(
             f"seq_lens must be an int32/int64 tensor of shape ({batch},), got {seq_lens.dtype} "
