@@ -28,6 +28,25 @@ from nsa_convert.kernels.banded import ADD_ACC, LN2_C, LOG2E
 
 
 @triton.jit
+def _epilogue(
+    m_i, l_i, acc, tok, hq, g_ok, dv, GATE, ACC, LSE, sg_t, sg_h, sa_t, sa_h, sl_t, sl_h,
+    MODE: tl.constexpr, DV: tl.constexpr,
+):  # fmt: skip
+    """The branch's lse (log2 running max m_i, sum l_i) into LSE[..., 1]; gate_slc · acc / l_i stored into,
+    or (MODE 1) added to, the fp32 accumulator. One position's group heads as rows."""
+    nonempty = l_i > 0
+    lse = tl.where(nonempty, (m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0))) * LN2_C, float("-inf"))
+    tl.store(LSE + tok * sl_t + hq * sl_h + 1, lse, mask=g_ok)
+    gate = tl.load(GATE + tok * sg_t + hq * sg_h + 1, mask=g_ok, other=0.0).to(tl.float32)
+    o = acc * (gate / tl.where(nonempty, l_i, 1.0))[:, None]
+    a_ptr = ACC + tok * sa_t + hq[:, None] * sa_h + dv[None, :]
+    omask = g_ok[:, None] & (dv[None, :] < DV)
+    if MODE == 1:
+        o += tl.load(a_ptr, mask=omask, other=0.0)
+    tl.store(a_ptr, o, mask=omask)
+
+
+@triton.jit
 def selected_fwd_kernel(
     Q, K, V, IDX, GATE, ACC, LSE, CU,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, si_t, si_h, sg_t, sg_h, sa_t, sa_h, sl_t, sl_h,
@@ -80,16 +99,7 @@ def selected_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
         m_i = m_new
-    nonempty = l_i > 0
-    lse = tl.where(nonempty, (m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0))) * LN2_C, float("-inf"))
-    tl.store(LSE + tok * sl_t + hq * sl_h + 1, lse, mask=g_ok)
-    gate = tl.load(GATE + tok * sg_t + hq * sg_h + 1, mask=g_ok, other=0.0).to(tl.float32)
-    o = acc * (gate / tl.where(nonempty, l_i, 1.0))[:, None]
-    a_ptr = ACC + tok * sa_t + hq[:, None] * sa_h + dv[None, :]
-    omask = g_ok[:, None] & (dv[None, :] < DV)
-    if MODE == 1:
-        o += tl.load(a_ptr, mask=omask, other=0.0)
-    tl.store(a_ptr, o, mask=omask)
+    _epilogue(m_i, l_i, acc, tok, hq, g_ok, dv, GATE, ACC, LSE, sg_t, sg_h, sa_t, sa_h, sl_t, sl_h, MODE, DV)
 
 
 @triton.jit
@@ -263,16 +273,7 @@ def selected_combine_kernel(
         l_i = l_i * alpha + beta
         acc = acc * alpha[:, None] + beta[:, None] * o
         m_i = m_new
-    nonempty = l_i > 0
-    lse = tl.where(nonempty, (m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0))) * LN2_C, float("-inf"))
-    tl.store(LSE + tok * sl_t + hq * sl_h + 1, lse, mask=g_ok)
-    gate = tl.load(GATE + tok * sg_t + hq * sg_h + 1, mask=g_ok, other=0.0).to(tl.float32)
-    o = acc * (gate / tl.where(nonempty, l_i, 1.0))[:, None]
-    a_ptr = ACC + tok * sa_t + hq[:, None] * sa_h + dv[None, :]
-    omask = g_ok[:, None] & (dv[None, :] < DV)
-    if MODE == 1:
-        o += tl.load(a_ptr, mask=omask, other=0.0)
-    tl.store(a_ptr, o, mask=omask)
+    _epilogue(m_i, l_i, acc, tok, hq, g_ok, dv, GATE, ACC, LSE, sg_t, sg_h, sa_t, sa_h, sl_t, sl_h, MODE, DV)
 
 
 @triton.jit
