@@ -31,3 +31,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=[("llama-g4", "shared"), ("qwen2-tied-g7", "independent")])
+def small_converted(request, tmp_path_factory):
+    """A tiny Llama (G = 4, shared branch k/v) and Qwen2 (G = 7, tied, independent) converted with SMALL_NSA."""
+    import nsa_convert  # not at the top: the kernels must be defined after TRITON_INTERPRET is set
+    from nsa_convert.config import NSAConfig
+    from tests.models import SMALL_NSA, make_checkpoint
+
+    arch, branch_kv = request.param
+    root = tmp_path_factory.mktemp(f"{arch}-{branch_kv}")
+    source = make_checkpoint(root / "dense", arch)
+    nsa_convert.convert(source, root / "nsa", NSAConfig(**SMALL_NSA, branch_kv=branch_kv))
+    return root / "nsa"

@@ -9,6 +9,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 VOCAB = 97
 
+SMALL_NSA = dict(window=64, block_size=16, top_n=4, compress_block=8, compress_stride=4)
+"""An NSA geometry whose branches all take part within the short inputs tiny models get."""
+
 ARCHITECTURES = {
     # name: (config class, heads q/kv, extra config)
     "llama-g4": (LlamaConfig, 8, 2, {}),

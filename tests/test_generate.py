@@ -13,22 +13,12 @@ import nsa_convert
 from nsa_convert.api import nsa_modules
 from nsa_convert.config import NSAConfig
 from nsa_convert.nn.cache import NSACacheLayer
-from tests.models import VOCAB, make_checkpoint, relative_error
+from tests.models import SMALL_NSA, VOCAB, make_checkpoint, relative_error
 
-SMALL = dict(window=64, block_size=16, top_n=4, compress_block=8, compress_stride=4)
 NEW_TOKENS = 24
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module", params=[("llama-g4", "shared"), ("qwen2-tied-g7", "independent")])
-def converted(request, tmp_path_factory):
-    arch, branch_kv = request.param
-    root = tmp_path_factory.mktemp(f"{arch}-{branch_kv}")
-    source = make_checkpoint(root / "dense", arch)
-    nsa_convert.convert(source, root / "nsa", NSAConfig(**SMALL, branch_kv=branch_kv))
-    return root / "nsa"
 
 
 def load(path, backend="auto"):
@@ -56,14 +46,14 @@ def greedy(model, ids, **kwargs):
     )
 
 
-def test_greedy_generate_equals_recomputing_the_sequence(converted):
-    model = load(converted)
+def test_greedy_generate_equals_recomputing_the_sequence(small_converted):
+    model = load(small_converted)
     ids = torch.randint(1, VOCAB, (1, 57))
     assert torch.equal(greedy(model, ids), recompute_greedy(model, ids, NEW_TOKENS))
 
 
-def test_left_padded_batch_generates_each_prompt_alone(converted):
-    model = load(converted)
+def test_left_padded_batch_generates_each_prompt_alone(small_converted):
+    model = load(small_converted)
     prompts = [torch.randint(1, VOCAB, (n,)) for n in (70, 45, 31)]
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -76,8 +66,8 @@ def test_left_padded_batch_generates_each_prompt_alone(converted):
         assert torch.equal(batch[b, width:], alone[0, len(prompt) :]), b
 
 
-def test_sampling_uses_the_logits_of_the_full_sequence(converted):
-    model = load(converted)
+def test_sampling_uses_the_logits_of_the_full_sequence(small_converted):
+    model = load(small_converted)
     ids = torch.randint(1, VOCAB, (2, 50))
     torch.manual_seed(1)
     result = model.generate(
@@ -96,9 +86,9 @@ def test_sampling_uses_the_logits_of_the_full_sequence(converted):
         assert relative_error(logits, full[:, step]) <= 1e-5, step
 
 
-def test_cached_calls_with_several_new_tokens(converted):
+def test_cached_calls_with_several_new_tokens(small_converted):
     """model(ids, use_cache=True), then calls of 3, 1, 5 and 1 new tokens: the full sequence's logits."""
-    model = load(converted)
+    model = load(small_converted)
     ids = torch.randint(1, VOCAB, (2, 60))
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits
@@ -115,9 +105,9 @@ def test_cached_calls_with_several_new_tokens(converted):
     assert k_cmp.shape[1] == (60 - 8) // 4 + 1
 
 
-def test_padding_masks(converted):
+def test_padding_masks(small_converted):
     """Left padding gives each sequence its own positions; any other mask is refused."""
-    model = load(converted)
+    model = load(small_converted)
     prompts = [torch.randint(1, VOCAB, (n,)) for n in (40, 23)]
     ids = torch.zeros(2, 40, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -132,8 +122,8 @@ def test_padding_masks(converted):
             model(ids, attention_mask=mask.flip(1), use_cache=False)
 
 
-def test_static_cache_is_refused(converted):
-    model = load(converted)
+def test_static_cache_is_refused(small_converted):
+    model = load(small_converted)
     with pytest.raises(NotImplementedError, match="dynamic cache"):
         model.generate(torch.randint(1, VOCAB, (1, 20)), max_new_tokens=2, cache_implementation="static")
 
@@ -141,7 +131,7 @@ def test_static_cache_is_refused(converted):
 def test_triton_kernels_generate_like_the_reference(tmp_path):
     """Prefill with the training kernels, decode with the decode kernels (interpreter on CPU)."""
     source = make_checkpoint(tmp_path / "dense", "llama-g4", num_hidden_layers=1)
-    nsa_convert.convert(source, tmp_path / "nsa", NSAConfig(**SMALL))
+    nsa_convert.convert(source, tmp_path / "nsa", NSAConfig(**SMALL_NSA))
     ids = torch.randint(1, VOCAB, (2, 36))
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
@@ -154,7 +144,7 @@ def test_triton_kernels_generate_like_the_reference(tmp_path):
 def test_gpu_cached_decoding_matches_the_full_sequence(tmp_path):
     """Triton backend on CUDA: prefill (training kernels), then 1- and 3-token cached calls (decode kernels)."""
     source = make_checkpoint(tmp_path / "dense", "llama-g4")
-    nsa_convert.convert(source, tmp_path / "nsa", NSAConfig(**SMALL))
+    nsa_convert.convert(source, tmp_path / "nsa", NSAConfig(**SMALL_NSA))
     model = load(tmp_path / "nsa", backend="triton").cuda()
     ids = torch.randint(1, VOCAB, (2, 90), device="cuda")
     mask = torch.ones_like(ids)

@@ -15,9 +15,10 @@ from safetensors import safe_open
 import nsa_convert
 from nsa_convert.api import nsa_modules
 from nsa_convert.config import NSAConfig
+from tests.models import SMALL_NSA
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = NSAConfig(window=64, block_size=16, top_n=4, compress_block=8, compress_stride=4)
+SMALL = NSAConfig(**SMALL_NSA)
 SEQ_LEN = 192
 
 

@@ -12,21 +12,10 @@ from transformers import DataCollatorWithFlattening
 
 import nsa_convert
 from nsa_convert.api import nsa_modules
-from nsa_convert.config import NSAConfig
 from nsa_convert.nn.install import packed_documents
-from tests.models import VOCAB, make_checkpoint, relative_error
+from tests.models import VOCAB, relative_error
 
-SMALL = dict(window=64, block_size=16, top_n=4, compress_block=8, compress_stride=4)
 LENGTHS = (90, 5, 41)
-
-
-@pytest.fixture(scope="module", params=[("llama-g4", "shared"), ("qwen2-tied-g7", "independent")])
-def converted(request, tmp_path_factory):
-    arch, branch_kv = request.param
-    root = tmp_path_factory.mktemp(f"{arch}-{branch_kv}")
-    source = make_checkpoint(root / "dense", arch)
-    nsa_convert.convert(source, root / "nsa", NSAConfig(**SMALL, branch_kv=branch_kv))
-    return root / "nsa"
 
 
 def load(path, rng):
@@ -56,8 +45,8 @@ def logits_and_gradients(model, weights, **batch):
 
 
 @pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
-def test_packed_documents_match_each_document_alone(converted, rng, flash_kwargs):
-    model = load(converted, rng)
+def test_packed_documents_match_each_document_alone(small_converted, rng, flash_kwargs):
+    model = load(small_converted, rng)
     documents = [torch.randint(1, VOCAB, (n,), generator=rng) for n in LENGTHS]
     collator = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs, return_tensors="pt")
     batch = collator([{"input_ids": doc.tolist()} for doc in documents])
@@ -127,9 +116,9 @@ def test_flash_kwargs_are_refused_while_filling_a_cache():
         )
 
 
-def test_bf16_autocast_trains_packed_documents(converted, rng):
+def test_bf16_autocast_trains_packed_documents(small_converted, rng):
     """Under autocast q and k come out of the rotary embedding in float32, v in bf16: NSA runs in bf16."""
-    model = load(converted, rng)
+    model = load(small_converted, rng)
     documents = [torch.randint(1, VOCAB, (n,), generator=rng) for n in LENGTHS]
     batch = DataCollatorWithFlattening(return_tensors="pt")(
         [{"input_ids": doc.tolist()} for doc in documents]
