@@ -434,6 +434,13 @@ def _local_positions(num_rows: int, seq_lens: torch.Tensor) -> torch.Tensor:
     return rows[None, :] - (num_rows - seq_lens)[:, None]
 
 
+def _unseen_to_zero(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x (B, S, H, D) with 0 in every row that no query of its sequence may read (mask (B, …, S) false
+    throughout): cache padding and slack may hold anything, NaN included, and 0 · NaN would leak."""
+    seen = mask.flatten(1, -2).any(1)
+    return torch.where(seen[:, :, None, None], x, 0)
+
+
 def nsa_decode(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -469,6 +476,7 @@ def nsa_decode(
 
     block_end = torch.arange(k_cmp.shape[1], device=q.device) * stride + length - 1
     cmp_mask = (block_end <= positions[..., None])[:, None, None]
+    k_cmp, v_cmp = (_unseen_to_zero(x, cmp_mask) for x in (k_cmp, v_cmp))
     num_blocks = num_selection_blocks(k.shape[1], block)
     if indices is None:
         indices = _decode_select(grouped, k_cmp, cmp_mask, positions, num_blocks, params)
@@ -486,10 +494,11 @@ def nsa_decode(
     t = positions[..., None]
     win_mask = (window_tokens >= 0) & (window_tokens <= t) & (window_tokens > t - params.window)
 
+    slc_mask, win_mask = slc_mask.unsqueeze(2), win_mask[:, None, None]
     branches = [
         (k_cmp, v_cmp, cmp_mask),
-        (k, v, slc_mask.unsqueeze(2)),
-        (k_win, v_win, win_mask[:, None, None]),
+        (_unseen_to_zero(k, slc_mask), _unseen_to_zero(v, slc_mask), slc_mask),
+        (_unseen_to_zero(k_win, win_mask), _unseen_to_zero(v_win, win_mask), win_mask),
     ]
     results = [
         _branch_forward(grouped, keys, values, [_Chunk(0, n, 0, keys.shape[1], mask)], _scale(params))

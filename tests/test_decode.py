@@ -141,6 +141,39 @@ def test_padding_queries_give_zero(rng):
     assert torch.isinf(lse[1, :2]).all() and torch.isfinite(out).all()
 
 
+def _nan_outside_sequences(inputs, params):
+    """The inputs with NaN in every left-padding row and every compressed entry past a sequence's blocks:
+    what a cache's uninitialised growth may hold there."""
+    poisoned = dict(inputs)
+    lengths = inputs["seq_lens"].tolist()
+    for name in ("k", "v", "k_win", "v_win"):
+        if name in inputs:
+            x = inputs[name].clone()
+            for b, length in enumerate(lengths):
+                x[b, : max(0, x.shape[1] - length)] = float("nan")
+            poisoned[name] = x
+    for name in ("k_cmp", "v_cmp"):
+        x = inputs[name].clone()
+        for b, length in enumerate(lengths):
+            x[b, num_compressed_blocks(length, params.compress_block, params.compress_stride) :] = float(
+                "nan"
+            )
+        poisoned[name] = x
+    return poisoned
+
+
+@pytest.mark.parametrize("implementation", [reference, kernels])
+def test_decode_never_reads_padding_or_compressed_slack(rng, implementation):
+    params = SparsityParams(**GEOMETRY).resolved(16)
+    sequences = [sequence(rng, t, 4, 2, 16, torch.float32, windows=True) for t in (41, 18, 9)]
+    inputs = batch_cache(rng, sequences, 2, params)
+    expected, _, _ = reference.nsa_decode(*decode_args(inputs), params, **windows_of(inputs))
+    poisoned = _nan_outside_sequences(inputs, params)
+    out, _, _ = implementation.nsa_decode(*decode_args(poisoned), params, **windows_of(poisoned))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_decode_op_checks_and_traces(rng):
     params = PARAMS.resolved(8)
     inputs = batch_cache(rng, [sequence(rng, 30, 4, 2, 8), sequence(rng, 21, 4, 2, 8)], 2, params)
