@@ -326,6 +326,17 @@ def main(argv: list[str] | None = None) -> dict:
     losses: dict[str, list] = {}
     speed: dict[str, float] = {}
     models: dict[str, dict] = {}
+    results.update(models=models, losses=losses, tokens_per_s=speed, seconds={})
+    clock = time.perf_counter()
+
+    def stage_done(name: str) -> None:
+        """Record the stage's wall time and write what is known so far: a long run that is cut off
+        still leaves its finished stages in results.json."""
+        nonlocal clock
+        results["seconds"][name] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+        (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        print(f"  [{name}: {results['seconds'][name]} s]", flush=True)
 
     print("pretraining the dense model", flush=True)
     dense = dense_model(preset).to(device)
@@ -336,7 +347,9 @@ def main(argv: list[str] | None = None) -> dict:
         dense, rows, preset.pretrain_steps, preset.lr, preset.lr, device, losses["pretrain"]
     )
     dense.save_pretrained(args.out / "dense")
+    stage_done("pretrain")
     models["dense"] = evaluate(dense, val, preset, device, args.seed)
+    stage_done("evaluate dense")
 
     print("converting", flush=True)
     start = time.perf_counter()
@@ -344,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["convert_s"] = time.perf_counter() - start
     nsa = nsa_convert.load(args.out / "nsa", device=device, dtype=torch.float32)
     models["nsa_converted"] = evaluate(nsa, val, preset, device, args.seed)
+    stage_done("convert and evaluate")
 
     for name, model, lr, nsa_lr in (
         ("dense_continued", dense, preset.continue_lr, preset.continue_lr),
@@ -358,8 +372,8 @@ def main(argv: list[str] | None = None) -> dict:
         losses[name] = []
         speed[name] = train(model, rows, preset.continue_steps, lr, nsa_lr, device, losses[name])
         models[name] = evaluate(model, val, preset, device, args.seed)
+        stage_done(name)
 
-    results.update(models=models, losses=losses, tokens_per_s=speed)
     longest = str(max(preset.eval_lens))
     results["nsa_vs_dense_perplexity"] = {
         n: models["nsa_continued"]["perplexity"][n] / models["dense_continued"]["perplexity"][n]

@@ -49,6 +49,9 @@ def test_writes_every_model_and_metric(run):
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     preset = script.PRESETS["tiny"]
     assert set(results["models"]) == {"dense", "nsa_converted", "dense_continued", "nsa_continued"}
+    stages = ["pretrain", "evaluate dense", "convert and evaluate", "dense_continued", "nsa_continued"]
+    assert list(results["seconds"]) == stages
+    assert all(s >= 0 for s in results["seconds"].values())
     for model in results["models"].values():
         assert [int(n) for n in model["perplexity"]] == list(preset.eval_lens)
         assert all(math.isfinite(p) and 1 < p < script.VOCAB for p in model["perplexity"].values())
