@@ -14,7 +14,7 @@ from torch import nn
 from nsa_convert.config import NSAConfig
 from nsa_convert.nn.cache import NSACacheLayer, nsa_cache_layer
 from nsa_convert.nn.compression import BlockCompressor, packed_block_starts
-from nsa_convert.ops import nsa_attention, nsa_attention_varlen, nsa_decode
+from nsa_convert.ops import nsa_attention, nsa_attention_varlen, nsa_decode, select_blocks
 from nsa_convert.sites import AttentionSite
 
 
@@ -212,6 +212,19 @@ class NSAttention(nn.Module):
             real = torch.arange(out.shape[1], device=out.device)[None, :] >= pads[:, None]
             out = torch.where(real[:, :, None, None], out, 0.0)
         return out.transpose(1, 2)
+
+    @torch.no_grad()
+    def selected_blocks(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """The selection blocks `forward` attends to for its query and key (unpadded sequences).
+
+        LongTensor (B, T, Hkv, top_n), sorted ascending, -1 padded: which block each query's KV group
+        reads, for inspecting what a converted or trained model retrieves (the selection has no gradient,
+        so training improves it only through the compressed branch).
+        """
+        dtype = _op_dtype(query)
+        _, k_cmp, _ = self._split(key.to(dtype))
+        options = {name: value for name, value in self._options().items() if name != "window"}
+        return select_blocks(query.to(dtype).transpose(1, 2), self.compress_k(k_cmp), **options)
 
     def packed(
         self,
