@@ -9,7 +9,9 @@ dense (pretrained), dense (continued), NSA at conversion and NSA (continued):
 - passkey retrieval at each length: a five-digit key stated at a depth spread over the trials inside
   held-out code, asked for at the end. A trial counts when greedy decoding returns the key; one forward
   pass checks it, since greedy decoding yields the key exactly when every key digit is the argmax after
-  the digits before it.
+  the digits before it;
+- for the NSA models, key-block recall at each passkey length: how often the selection of the query that
+  predicts the answer's first digit includes the block where the key was stated, per layer.
 
 Pretraining and continued training mix in passkey documents built from training files (--passkey-frac),
 so that the dense model can retrieve before it is converted (the paper's models learned it at scale).
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -127,14 +130,21 @@ def _encode(text: str) -> torch.Tensor:
     return torch.tensor(list(text.encode()), dtype=torch.long)
 
 
-def passkey_row(stream: torch.Tensor, length: int, depth: float, key: str, start: int) -> torch.Tensor:
-    """length tokens: filler from stream[start:], the key stated at `depth` of it, then the question and key."""
-    intro = _encode(f"\n# The pass key is {key}. Remember it. {key} is the pass key.\n")
+def passkey_row(
+    stream: torch.Tensor, length: int, depth: float, key: str, start: int
+) -> tuple[torch.Tensor, int]:
+    """length tokens: filler from stream[start:], the key stated at `depth` of it, then the question and key.
+
+    Also returns where the statement's key begins (the answer's retrieval target).
+    """
+    stated = f"\n# The pass key is {key}"
+    intro = _encode(f"{stated}. Remember it. {key} is the pass key.\n")
     question = _encode("\n# What is the pass key? The pass key is ")
     answer = _encode(key)
     filler = stream[start : start + length - len(intro) - len(question) - len(answer)]
     cut = int(depth * len(filler))
-    return torch.cat([filler[:cut], intro, filler[cut:], question, answer])
+    row = torch.cat([filler[:cut], intro, filler[cut:], question, answer])
+    return row, cut + len(stated) - len(key)
 
 
 def _key(gen: torch.Generator) -> str:
@@ -148,9 +158,8 @@ def training_rows(stream: torch.Tensor, length: int, batch: int, passkey_frac: f
         for _ in range(batch):
             start = int(torch.randint(0, len(stream) - length, (1,), generator=gen))
             if torch.rand(1, generator=gen).item() < passkey_frac:
-                rows.append(
-                    passkey_row(stream, length, torch.rand(1, generator=gen).item(), _key(gen), start)
-                )
+                depth = torch.rand(1, generator=gen).item()
+                rows.append(passkey_row(stream, length, depth, _key(gen), start)[0])
             else:
                 rows.append(stream[start : start + length])
         yield torch.stack(rows)
@@ -226,14 +235,20 @@ def perplexity(model, stream: torch.Tensor, length: int, tokens: int, batch: int
     return math.exp(total / n)
 
 
-@torch.no_grad()
-def passkey_accuracy(model, stream, length: int, trials: int, batch: int, device, seed: int) -> float:
-    """Share of trials (depths spread over the filler) whose five key digits greedy decoding returns."""
+def passkey_trials(stream, length: int, trials: int, seed: int) -> list[tuple[torch.Tensor, int]]:
+    """The evaluation's passkey rows of one length (depths spread over the filler) and their key positions."""
     gen = torch.Generator().manual_seed(seed + length)
     rows = []
     for i in range(trials):
         start = int(torch.randint(0, len(stream) - length, (1,), generator=gen))
         rows.append(passkey_row(stream, length, (i + 0.5) / trials, _key(gen), start))
+    return rows
+
+
+@torch.no_grad()
+def passkey_accuracy(model, stream, length: int, trials: int, batch: int, device, seed: int) -> float:
+    """Share of trials (depths spread over the filler) whose five key digits greedy decoding returns."""
+    rows = [row for row, _ in passkey_trials(stream, length, trials, seed)]
     hits = 0
     for i in range(0, trials, batch):
         ids = torch.stack(rows[i : i + batch]).to(device)
@@ -242,6 +257,41 @@ def passkey_accuracy(model, stream, length: int, trials: int, batch: int, device
         predicted = logits[:, -6:-1].argmax(-1)
         hits += (predicted == ids[:, -5:]).all(-1).sum().item()
     return hits / trials
+
+
+@torch.no_grad()
+def key_block_recall(model, stream, length: int, trials: int, batch: int, device, seed: int) -> dict:
+    """How often NSA's selection reaches the key: at the query that predicts the answer's first digit,
+    whether the selected blocks of a KV group include the block where the key's first digit was stated.
+
+    Returns "layers" (per layer, the share of trials × KV groups) and "any" (the share of trials in which
+    some layer and group selected it).  Separates a key never selected from one selected but not read.
+    """
+    modules = nsa_modules(model)
+    answer_rows: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, module, args: tuple) -> None:
+        answer_rows[name] = module.selected_blocks(*args[:2])[:, -6]
+
+    hooks = [
+        module.register_forward_pre_hook(functools.partial(keep, name)) for name, module in modules.items()
+    ]
+    rows, found = passkey_trials(stream, length, trials, seed), []
+    try:
+        for chunk in (rows[i : i + batch] for i in range(0, trials, batch)):
+            ids = torch.stack([row for row, _ in chunk]).to(device)
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                model(input_ids=ids, use_cache=False)
+            per_layer = []
+            for name, module in modules.items():
+                target = torch.tensor([at // module.params.block_size for _, at in chunk], device=device)
+                per_layer.append((answer_rows[name] == target[:, None, None]).any(-1))
+            found.append(torch.stack(per_layer, 1).cpu())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    hits = torch.cat(found).float()
+    return {"layers": hits.mean((0, 2)).tolist(), "any": hits.flatten(1).any(1).float().mean().item()}
 
 
 def evaluate(model, val: torch.Tensor, preset: Preset, device, seed: int) -> dict:
@@ -256,6 +306,11 @@ def evaluate(model, val: torch.Tensor, preset: Preset, device, seed: int) -> dic
             for n in preset.passkey_lens
         },
     }
+    if nsa_modules(model):
+        result["key_block_recall"] = {
+            str(n): key_block_recall(model, val, n, preset.passkey_trials, preset.eval_batch, device, seed)
+            for n in preset.passkey_lens
+        }
     print(f"  {result}", flush=True)
     return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -80,12 +81,13 @@ def test_training_lowers_the_loss(run):
 
 def test_passkey_row_states_the_key_at_its_depth_and_ends_with_it():
     stream = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(1))
-    row = script.passkey_row(stream, 600, 0.25, "40917", 123)
+    row, key_at = script.passkey_row(stream, 600, 0.25, "40917", 123)
     text = bytes(row.tolist())
     assert len(row) == 600 and text.endswith(b"The pass key is 40917")
     statement = text.index(b"\n# The pass key is 40917.")
     filler = 600 - len(b"\n# The pass key is 40917. Remember it. 40917 is the pass key.\n") - 46
     assert statement == int(0.25 * filler)
+    assert key_at == statement + len(b"\n# The pass key is ") and text[key_at : key_at + 5] == b"40917"
     assert torch.equal(row[:statement], stream[123 : 123 + statement])
 
 
@@ -140,3 +142,32 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     assert scales[0] == pytest.approx(0.2) and scales[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(scales[4:]))
     assert scales[-1] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("top_n", [3, 5, 16])
+def test_key_block_recall_counts_the_groups_whose_answer_query_selects_the_key(run, top_n):
+    """Recomputed from each layer's selection at the answer's first digit: 3 = only the forced blocks (the
+    key lies in none of them), 16 = every block of a 256-token row, 5 = some of them."""
+    out, _ = run
+    model = nsa_convert.load(out / "nsa").eval()
+    modules = nsa_modules(model)
+    selections = {}
+    for name, module in modules.items():
+        module.params = dataclasses.replace(module.params, top_n=top_n)
+        module.register_forward_pre_hook(
+            lambda m, args, name=name: selections.setdefault(name, []).append(m.selected_blocks(*args[:2]))
+        )
+    stream = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(4))
+    got = script.key_block_recall(model, stream, 256, 6, 4, torch.device("cpu"), seed=0)
+
+    block = script.PRESETS["tiny"].nsa["block_size"]
+    key_blocks = torch.tensor([at // block for _, at in script.passkey_trials(stream, 256, 6, seed=0)])
+    hit = torch.stack(
+        [(torch.cat(selections[name])[:, 256 - 6] == key_blocks[:, None, None]).any(-1) for name in modules],
+        dim=1,
+    )  # trials × layers × KV groups
+    assert got["layers"] == pytest.approx(hit.double().mean((0, 2)).tolist())
+    assert got["any"] == pytest.approx(hit.flatten(1).any(1).double().mean().item())
+    expected = {3: 0.0, 16: 1.0}.get(top_n)
+    if expected is not None:
+        assert got["any"] == expected and got["layers"] == [expected] * len(modules)
