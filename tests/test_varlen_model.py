@@ -12,6 +12,7 @@ from transformers import DataCollatorWithFlattening
 
 import nsa_convert
 from nsa_convert.api import nsa_modules
+from nsa_convert.nn import install
 from nsa_convert.nn.install import packed_documents
 from tests.models import VOCAB, relative_error
 
@@ -133,3 +134,38 @@ def test_bf16_autocast_trains_packed_documents(small_converted, rng):
     assert relative_error(output.logits.float().detach(), expected) <= 0.1
     for name, param in nsa_parameters(model).items():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+@pytest.fixture
+def mask_checks(monkeypatch):
+    """The verdicts of every T × T mask check, in order."""
+    checks = []
+    check = install._block_diagonal_causal
+    monkeypatch.setattr(install, "_block_diagonal_causal", lambda *a: checks.append(check(*a)) or checks[-1])
+    return checks
+
+
+def test_a_packed_forward_checks_its_mask_once(small_converted, rng, mask_checks):
+    """Every layer gets the same mask and position ids: the T × T check runs once per forward, not per layer."""
+    model = load(small_converted, rng)
+    documents = [torch.randint(1, VOCAB, (n,), generator=rng) for n in LENGTHS]
+    batch = DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": d.tolist()} for d in documents])
+    batch.pop("labels")
+    with torch.no_grad():
+        model(**batch, use_cache=False)
+        assert mask_checks == [True] and len(nsa_modules(model)) > 1
+        model(**batch, use_cache=False)
+    assert mask_checks == [True, True]  # each forward builds its own mask
+
+
+def test_the_mask_verdict_is_redone_after_an_in_place_change(mask_checks):
+    positions = torch.tensor([[0, 1, 2, 0, 1]])
+    i = torch.arange(5)
+    document = torch.tensor([0, 0, 0, 1, 1])
+    mask = ((i[None, :] <= i[:, None]) & (document[None, :] == document[:, None]))[None, None]
+    for _ in range(2):
+        assert packed_documents(mask, 1, 5, 5, False, {"position_ids": positions}).tolist() == [0, 3, 5]
+    assert mask_checks == [True]
+    positions.copy_(torch.tensor([[0, 1, 0, 1, 2]]))  # other documents: the old mask no longer fits them
+    assert packed_documents(mask, 1, 5, 5, False, {"position_ids": positions}) is None
+    assert mask_checks == [True, False]

@@ -9,8 +9,11 @@ attention module gives its layer of the call's KV cache an NSACacheLayer, so gen
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -83,20 +86,43 @@ def packed_documents(
         or torch.compiler.is_exporting()
     ):
         return None
+    given = position_ids
     position_ids = position_ids.expand(batch, q_len)
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
     if not bool(starts[:, 1:].any()):
         return None
-    if attention_mask is not None:
-        document = starts.cumsum(dim=-1)
-        i = torch.arange(q_len, device=document.device)
-        expected = (document[:, :, None] == document[:, None, :]) & (i[None, :, None] >= i[None, None, :])
-        allowed = (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)[:, 0]
-        if not torch.equal(allowed.expand_as(expected), expected):
-            return None  # position ids of a left-padded batch, say: its mask decides
+    if attention_mask is not None and not _mask_marks_documents(attention_mask, given, starts):
+        return None  # position ids of a left-padded batch, say: its mask decides
     flat = starts.flatten().nonzero().flatten()
     return torch.cat([flat, flat.new_tensor([batch * q_len])]).to(torch.int32)
+
+
+_MASK_VERDICTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""position_ids tensor → (weak mask, both tensors' versions, verdict) of the last mask check."""
+
+
+def _mask_marks_documents(mask: torch.Tensor, position_ids: torch.Tensor, starts: torch.Tensor) -> bool:
+    """_block_diagonal_causal once per forward: every layer passes the same two tensors, so the verdict is
+    kept per position_ids tensor and reused while both are the same, unmodified (in-place writes bump
+    _version)."""
+    stamp = (position_ids._version, mask._version)
+    known = _MASK_VERDICTS.get(position_ids)
+    if known is not None and known[0]() is mask and known[1] == stamp:
+        return known[2]
+    verdict = _block_diagonal_causal(mask, starts)
+    _MASK_VERDICTS[position_ids] = (weakref.ref(mask), stamp, verdict)
+    return verdict
+
+
+def _block_diagonal_causal(mask: torch.Tensor, starts: torch.Tensor) -> bool:
+    """Whether the mask (B, 1, T, T) is the causal mask of the documents starting where `starts` (B, T) is
+    true, each attending only within itself: a T × T comparison."""
+    document = starts.cumsum(dim=-1)
+    i = torch.arange(starts.shape[1], device=document.device)
+    expected = (document[:, :, None] == document[:, None, :]) & (i[None, :, None] >= i[None, None, :])
+    allowed = (mask if mask.dtype == torch.bool else mask == 0)[:, 0]
+    return torch.equal(allowed.expand_as(expected), expected)
 
 
 def nsa_attention_forward(
