@@ -106,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--pretrain-steps", type=int, help="override the preset's")
     parser.add_argument("--continue-steps", type=int, help="override the preset's")
+    parser.add_argument(
+        "--nsa-warmup-steps", type=int, default=0, metavar="N",
+        help="of the NSA model's continued steps, the first N train only its new parameters",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -192,13 +196,20 @@ def lr_scale(step: int, steps: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
 
-def train(model, rows, steps: int, lr: float, nsa_lr: float, device: torch.device, log: list) -> float:
-    """Train for `steps` steps; returns tokens per second after the first step (compilation excluded)."""
+def train(
+    model, rows, steps: int, lr: float, nsa_lr: float, device: torch.device, log: list, only_new: int = 0
+) -> float:
+    """Train for `steps` steps, the first `only_new` of them updating only NSA's new parameters (the rest
+    frozen, as a warm-up); returns tokens per second after the first step (compilation excluded)."""
     opt = optimizer(model, lr, nsa_lr)
     base = [g["lr"] for g in opt.param_groups]
+    new = _new_parameter_ids(model)
+    old = [p for p in model.parameters() if id(p) not in new]
     model.train()
     tokens, start = 0, time.perf_counter()
     for step in range(steps):
+        for param in old:
+            param.requires_grad_(step >= only_new)
         for group, lr0 in zip(opt.param_groups, base, strict=True):
             group["lr"] = lr0 * lr_scale(step, steps)
         ids = next(rows).to(device)
@@ -215,6 +226,8 @@ def train(model, rows, steps: int, lr: float, nsa_lr: float, device: torch.devic
             tokens += ids.numel()
         if step % max(1, steps // 10) == 0 or step == steps - 1:
             print(f"  step {step + 1}/{steps}: loss {log[-1]:.4f}", flush=True)
+    for param in old:
+        param.requires_grad_(True)
     return tokens / (time.perf_counter() - start) if tokens else float("nan")
 
 
@@ -375,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
         flush=True,
     )
     results: dict = {"preset": args.preset, "settings": dataclasses.asdict(preset), "device": str(device)}
-    results["settings"]["passkey_frac"] = args.passkey_frac
+    results["settings"].update(passkey_frac=args.passkey_frac, nsa_warmup_steps=args.nsa_warmup_steps)
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
     losses: dict[str, list] = {}
@@ -414,9 +427,9 @@ def main(argv: list[str] | None = None) -> dict:
     models["nsa_converted"] = evaluate(nsa, val, preset, device, args.seed)
     stage_done("convert and evaluate")
 
-    for name, model, lr, nsa_lr in (
-        ("dense_continued", dense, preset.continue_lr, preset.continue_lr),
-        ("nsa_continued", nsa, preset.continue_lr, preset.nsa_lr),
+    for name, model, lr, nsa_lr, only_new in (
+        ("dense_continued", dense, preset.continue_lr, preset.continue_lr, 0),
+        ("nsa_continued", nsa, preset.continue_lr, preset.nsa_lr, args.nsa_warmup_steps),
     ):
         print(f"continued training: {name}", flush=True)
         _checkpointing(model)
@@ -425,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.Generator().manual_seed(args.seed + 1),
         )  # fmt: skip
         losses[name] = []
-        speed[name] = train(model, rows, preset.continue_steps, lr, nsa_lr, device, losses[name])
+        speed[name] = train(model, rows, preset.continue_steps, lr, nsa_lr, device, losses[name], only_new)
         models[name] = evaluate(model, val, preset, device, args.seed)
         stage_done(name)
 

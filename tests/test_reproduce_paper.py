@@ -171,3 +171,24 @@ def test_key_block_recall_counts_the_groups_whose_answer_query_selects_the_key(r
     expected = {3: 0.0, 16: 1.0}.get(top_n)
     if expected is not None:
         assert got["any"] == expected and got["layers"] == [expected] * len(modules)
+
+
+def test_warm_up_steps_train_only_the_new_parameters(run):
+    out, _ = run
+    model = nsa_convert.load(out / "nsa")
+    script._checkpointing(model)  # as in the run: checkpointed layers must still pass NSA its gradients
+    new = {id(p) for m in nsa_modules(model).values() for p in m.parameters()}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    stream = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(5))
+    rows = script.training_rows(stream, 128, 2, 0.5, torch.Generator().manual_seed(6))
+
+    def changed():
+        return {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+
+    new_names = {name for name, p in model.named_parameters() if id(p) in new}
+    script.train(model, rows, 2, 1e-3, 1e-3, torch.device("cpu"), [], only_new=2)
+    warmed = changed()
+    assert warmed <= new_names and {n for n in new_names if n.endswith("gate.weight")} <= warmed
+    assert all(p.requires_grad for p in model.parameters())
+    script.train(model, rows, 1, 1e-3, 1e-3, torch.device("cpu"), [], only_new=0)
+    assert set(before) - new_names <= changed()
