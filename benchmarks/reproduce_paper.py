@@ -20,7 +20,8 @@ so that the dense model can retrieve before it is converted (the paper's models 
     python benchmarks/reproduce_paper.py --out /tmp/repro --preset tiny   # CPU, about a minute
 
 Writes OUT/results.json, OUT/dense (pretrained checkpoint), OUT/nsa (its conversion) and, when matplotlib
-is installed, OUT/perplexity.png and OUT/passkey.png.
+is installed, OUT/perplexity.png and OUT/passkey.png.  Variants of the continued training (--continue-steps,
+--nsa-warmup-steps, --passkey-frac) can start from one pretrained model: --dense OUT/dense.
 """
 
 from __future__ import annotations
@@ -105,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--passkey-frac", type=float, default=0.1, help="share of training rows with a passkey"
     )
     parser.add_argument("--pretrain-steps", type=int, help="override the preset's")
+    parser.add_argument(
+        "--dense", type=Path, metavar="DIR",
+        help="skip pretraining: start from this dense checkpoint (an earlier run's OUT/dense)",
+    )  # fmt: skip
     parser.add_argument("--continue-steps", type=int, help="override the preset's")
     parser.add_argument(
         "--nsa-warmup-steps", type=int, default=0, metavar="N",
@@ -388,7 +393,11 @@ def main(argv: list[str] | None = None) -> dict:
         flush=True,
     )
     results: dict = {"preset": args.preset, "settings": dataclasses.asdict(preset), "device": str(device)}
-    results["settings"].update(passkey_frac=args.passkey_frac, nsa_warmup_steps=args.nsa_warmup_steps)
+    results["settings"].update(
+        passkey_frac=args.passkey_frac,
+        nsa_warmup_steps=args.nsa_warmup_steps,
+        dense=None if args.dense is None else str(args.dense),
+    )
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
     losses: dict[str, list] = {}
@@ -406,22 +415,28 @@ def main(argv: list[str] | None = None) -> dict:
         (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         print(f"  [{name}: {results['seconds'][name]} s]", flush=True)
 
-    print("pretraining the dense model", flush=True)
-    dense = dense_model(preset).to(device)
+    if args.dense is None:
+        print("pretraining the dense model", flush=True)
+        dense = dense_model(preset).to(device)
+        rows = training_rows(train_stream, preset.pretrain_len, preset.pretrain_batch, args.passkey_frac, gen)
+        losses["pretrain"] = []
+        speed["pretrain"] = train(
+            dense, rows, preset.pretrain_steps, preset.lr, preset.lr, device, losses["pretrain"]
+        )
+        source = args.out / "dense"
+        dense.save_pretrained(source)
+        stage_done("pretrain")
+    else:
+        print(f"dense model: {args.dense}", flush=True)
+        source = args.dense
+        dense = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
     results["parameters"] = sum(p.numel() for p in dense.parameters())
-    rows = training_rows(train_stream, preset.pretrain_len, preset.pretrain_batch, args.passkey_frac, gen)
-    losses["pretrain"] = []
-    speed["pretrain"] = train(
-        dense, rows, preset.pretrain_steps, preset.lr, preset.lr, device, losses["pretrain"]
-    )
-    dense.save_pretrained(args.out / "dense")
-    stage_done("pretrain")
     models["dense"] = evaluate(dense, val, preset, device, args.seed)
     stage_done("evaluate dense")
 
     print("converting", flush=True)
     start = time.perf_counter()
-    nsa_convert.convert(args.out / "dense", args.out / "nsa", NSAConfig(**preset.nsa), overwrite=True)
+    nsa_convert.convert(source, args.out / "nsa", NSAConfig(**preset.nsa), overwrite=True)
     results["convert_s"] = time.perf_counter() - start
     nsa = nsa_convert.load(args.out / "nsa", device=device, dtype=torch.float32)
     models["nsa_converted"] = evaluate(nsa, val, preset, device, args.seed)

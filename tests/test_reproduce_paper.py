@@ -192,3 +192,15 @@ def test_warm_up_steps_train_only_the_new_parameters(run):
     assert all(p.requires_grad for p in model.parameters())
     script.train(model, rows, 1, 1e-3, 1e-3, torch.device("cpu"), [], only_new=0)
     assert set(before) - new_names <= changed()
+
+
+def test_a_variant_starts_from_the_pretrained_checkpoint(run, tmp_path):
+    """--dense skips pretraining: the same dense model, evaluated alike, then converted and continued."""
+    out, first = run
+    args = ["--out", str(tmp_path), "--preset", "tiny", "--dense", str(out / "dense")]
+    results = script.main([*args, "--nsa-warmup-steps", "2"])
+    assert results["models"]["dense"] == first["models"]["dense"]
+    assert results["models"]["nsa_converted"] == first["models"]["nsa_converted"]
+    assert "pretrain" not in results["losses"] and "pretrain" not in results["seconds"]
+    assert results["settings"]["nsa_warmup_steps"] == 2 and results["settings"]["dense"] == str(out / "dense")
+    assert not (tmp_path / "dense").exists() and (tmp_path / "nsa" / "config.json").exists()
