@@ -350,7 +350,12 @@ def _checkpointing(model: PreTrainedModel) -> None:
 
 
 def plot(results: dict, out: Path) -> list[str]:
-    """perplexity.png and passkey.png, when matplotlib is installed; returns the files written."""
+    """perplexity.png and passkey.png, when matplotlib is installed; returns the files written.
+
+    The perplexity axis stops at 1.25 × the largest value of the other models (the dense model beyond its
+    pretraining length goes far above them), so their few-percent differences show; points cut off are
+    labelled with their value.
+    """
     try:
         import matplotlib
 
@@ -359,12 +364,24 @@ def plot(results: dict, out: Path) -> list[str]:
     except ImportError:
         print("matplotlib is not installed: no plots", flush=True)
         return []
+    models = results["models"]
+    long_context = [v for name, m in models.items() if name != "dense" for v in m["perplexity"].values()]
     written = []
     for metric, ylabel in (("perplexity", "validation perplexity"), ("passkey", "passkey accuracy")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for name, model in results["models"].items():
+        top = 1.25 * max(long_context) if metric == "perplexity" and long_context else None
+        for name, model in models.items():
             lengths = [int(n) for n in model[metric]]
-            ax.plot(lengths, list(model[metric].values()), marker="o", label=name)
+            values = list(model[metric].values())
+            (line,) = ax.plot(lengths, values, marker="o", label=name)
+            for length, value in zip(lengths, values, strict=True):
+                if top is not None and value > top:
+                    ax.annotate(
+                        f"{value:.1f}", (length, top), xytext=(0, -12), textcoords="offset points",
+                        ha="center", color=line.get_color(),
+                    )  # fmt: skip
+        if top is not None:
+            ax.set_ylim(0.97 * min(v for m in models.values() for v in m["perplexity"].values()), top)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(ylabel)
