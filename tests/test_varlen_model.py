@@ -158,14 +158,43 @@ def test_a_packed_forward_checks_its_mask_once(small_converted, rng, mask_checks
     assert mask_checks == [True, True]  # each forward builds its own mask
 
 
-def test_the_mask_verdict_is_redone_after_an_in_place_change(mask_checks):
+def block_diagonal(document: torch.Tensor) -> torch.Tensor:
+    """The (1, 1, T, T) causal mask of the documents `document` (T,) numbers."""
+    i = torch.arange(len(document))
+    return ((i[None, :] <= i[:, None]) & (document[None, :] == document[:, None]))[None, None]
+
+
+def test_the_mask_verdict_is_redone_after_any_change(mask_checks):
     positions = torch.tensor([[0, 1, 2, 0, 1]])
-    i = torch.arange(5)
-    document = torch.tensor([0, 0, 0, 1, 1])
-    mask = ((i[None, :] <= i[:, None]) & (document[None, :] == document[:, None]))[None, None]
+    mask = block_diagonal(torch.tensor([0, 0, 0, 1, 1]))
     for _ in range(2):
         assert packed_documents(mask, 1, 5, 5, False, {"position_ids": positions}).tolist() == [0, 3, 5]
     assert mask_checks == [True]
     positions.copy_(torch.tensor([[0, 1, 0, 1, 2]]))  # other documents: the old mask no longer fits them
     assert packed_documents(mask, 1, 5, 5, False, {"position_ids": positions}) is None
-    assert mask_checks == [True, False]
+    mask.copy_(block_diagonal(torch.tensor([0, 0, 1, 1, 1])))  # now it does
+    assert packed_documents(mask, 1, 5, 5, False, {"position_ids": positions}).tolist() == [0, 2, 5]
+    causal = block_diagonal(torch.zeros(5, dtype=torch.long))  # another mask, the same position ids
+    assert packed_documents(causal, 1, 5, 5, False, {"position_ids": positions}) is None
+    assert mask_checks == [True, False, True, False]
+
+
+def test_inference_mode_tensors_are_checked_every_time(mask_checks):
+    """They have no version counter to tell whether they changed."""
+    with torch.inference_mode():
+        positions = torch.tensor([[0, 1, 2, 0, 1]])
+        mask = block_diagonal(torch.tensor([0, 0, 0, 1, 1]))
+        for _ in range(2):
+            assert packed_documents(mask, 1, 5, 5, False, {"position_ids": positions}).tolist() == [0, 3, 5]
+    assert mask_checks == [True, True]
+
+
+def test_packed_documents_run_under_inference_mode(small_converted, rng):
+    model = load(small_converted, rng)
+    documents = [torch.randint(1, VOCAB, (n,), generator=rng) for n in LENGTHS]
+    batch = DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": d.tolist()} for d in documents])
+    batch.pop("labels")
+    with torch.no_grad():
+        expected = model(**batch, use_cache=False).logits
+    with torch.inference_mode():
+        assert torch.equal(model(**batch, use_cache=False).logits, expected)

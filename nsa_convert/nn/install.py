@@ -105,7 +105,9 @@ _MASK_VERDICTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 def _mask_marks_documents(mask: torch.Tensor, position_ids: torch.Tensor, starts: torch.Tensor) -> bool:
     """_block_diagonal_causal once per forward: every layer passes the same two tensors, so the verdict is
     kept per position_ids tensor and reused while both are the same, unmodified (in-place writes bump
-    _version)."""
+    _version).  Tensors made under torch.inference_mode have no version counter: checked every time."""
+    if mask.is_inference() or position_ids.is_inference():
+        return _block_diagonal_causal(mask, starts)
     stamp = (position_ids._version, mask._version)
     known = _MASK_VERDICTS.get(position_ids)
     if known is not None and known[0]() is mask and known[1] == stamp:
