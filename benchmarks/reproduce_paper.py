@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib.metadata
 import json
 import math
 import sys
@@ -38,6 +39,7 @@ import zlib
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 import nsa_convert
@@ -48,6 +50,9 @@ SEP = 256
 """Token between files (bytes are tokens 0–255)."""
 VOCAB = 264
 HELD_OUT = 20
+KEY_DIGITS = 5
+"""Digits of a passkey: the row's last KEY_DIGITS tokens; the query KEY_DIGITS + 1 from the end predicts
+the first of them."""
 """One file in HELD_OUT (by a hash of its path) is validation text."""
 
 
@@ -116,7 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="of the NSA model's continued steps, the first N train only its new parameters",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.dense is not None and args.pretrain_steps is not None:
+        parser.error("--pretrain-steps has no effect with --dense (no pretraining)")
+    return args
 
 
 def corpus() -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,23 +149,27 @@ def _encode(text: str) -> torch.Tensor:
 
 def passkey_row(
     stream: torch.Tensor, length: int, depth: float, key: str, start: int
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """length tokens: filler from stream[start:], the key stated at `depth` of it, then the question and key.
 
-    Also returns where the statement's key begins (the answer's retrieval target).
+    Also returns the positions of the key's digits where it is stated (it is stated twice): where a
+    retrieving query must read.
     """
-    stated = f"\n# The pass key is {key}"
-    intro = _encode(f"{stated}. Remember it. {key} is the pass key.\n")
+    before = "\n# The pass key is "
+    between = ". Remember it. "
+    intro = _encode(f"{before}{key}{between}{key} is the pass key.\n")
     question = _encode("\n# What is the pass key? The pass key is ")
     answer = _encode(key)
     filler = stream[start : start + length - len(intro) - len(question) - len(answer)]
     cut = int(depth * len(filler))
     row = torch.cat([filler[:cut], intro, filler[cut:], question, answer])
-    return row, cut + len(stated) - len(key)
+    first = cut + len(before)
+    second = first + len(key) + len(between)
+    return row, torch.cat([torch.arange(first, first + len(key)), torch.arange(second, second + len(key))])
 
 
 def _key(gen: torch.Generator) -> str:
-    return "".join(str(d) for d in torch.randint(0, 10, (5,), generator=gen).tolist())
+    return "".join(str(d) for d in torch.randint(0, 10, (KEY_DIGITS,), generator=gen).tolist())
 
 
 def training_rows(stream: torch.Tensor, length: int, batch: int, passkey_frac: float, gen: torch.Generator):
@@ -205,7 +217,8 @@ def train(
     model, rows, steps: int, lr: float, nsa_lr: float, device: torch.device, log: list, only_new: int = 0
 ) -> float:
     """Train for `steps` steps, the first `only_new` of them updating only NSA's new parameters (the rest
-    frozen, as a warm-up); returns tokens per second after the first step (compilation excluded)."""
+    frozen, as a warm-up; they then join at the schedule's rate of that step, with fresh AdamW moments).
+    Returns tokens per second after the first step (compilation excluded; frozen steps are cheaper)."""
     opt = optimizer(model, lr, nsa_lr)
     base = [g["lr"] for g in opt.param_groups]
     new = _new_parameter_ids(model)
@@ -253,7 +266,7 @@ def perplexity(model, stream: torch.Tensor, length: int, tokens: int, batch: int
     return math.exp(total / n)
 
 
-def passkey_trials(stream, length: int, trials: int, seed: int) -> list[tuple[torch.Tensor, int]]:
+def passkey_trials(stream, length: int, trials: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The evaluation's passkey rows of one length (depths spread over the filler) and their key positions."""
     gen = torch.Generator().manual_seed(seed + length)
     rows = []
@@ -272,24 +285,26 @@ def passkey_accuracy(model, stream, length: int, trials: int, batch: int, device
         ids = torch.stack(rows[i : i + batch]).to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(input_ids=ids, use_cache=False).logits
-        predicted = logits[:, -6:-1].argmax(-1)
-        hits += (predicted == ids[:, -5:]).all(-1).sum().item()
+        predicted = logits[:, -KEY_DIGITS - 1 : -1].argmax(-1)
+        hits += (predicted == ids[:, -KEY_DIGITS:]).all(-1).sum().item()
     return hits / trials
 
 
 @torch.no_grad()
 def key_block_recall(model, stream, length: int, trials: int, batch: int, device, seed: int) -> dict:
     """How often NSA's selection reaches the key: at the query that predicts the answer's first digit,
-    whether the selected blocks of a KV group include the block where the key's first digit was stated.
+    whether a KV group's selected blocks include a block holding a digit of the stated key.
 
-    Returns "layers" (per layer, the share of trials × KV groups) and "any" (the share of trials in which
-    some layer and group selected it).  Separates a key never selected from one selected but not read.
+    Returns "layers" (per layer, the share of trials × KV groups), "any" (the share of trials in which
+    some layer and group selected it) and "in_window" (the share of trials whose statement the sliding
+    window reaches anyway).  Low recall with a key outside the window: the key is never read.
     """
     modules = nsa_modules(model)
     answer_rows: dict[str, torch.Tensor] = {}
+    query = length - KEY_DIGITS - 1
 
     def keep(name: str, module, args: tuple) -> None:
-        answer_rows[name] = module.selected_blocks(*args[:2])[:, -6]
+        answer_rows[name] = module.selected_blocks(*args[:2])[:, query]
 
     hooks = [
         module.register_forward_pre_hook(functools.partial(keep, name)) for name, module in modules.items()
@@ -297,19 +312,27 @@ def key_block_recall(model, stream, length: int, trials: int, batch: int, device
     rows, found = passkey_trials(stream, length, trials, seed), []
     try:
         for chunk in (rows[i : i + batch] for i in range(0, trials, batch)):
+            answer_rows.clear()
             ids = torch.stack([row for row, _ in chunk]).to(device)
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                 model(input_ids=ids, use_cache=False)
             per_layer = []
             for name, module in modules.items():
-                target = torch.tensor([at // module.params.block_size for _, at in chunk], device=device)
-                per_layer.append((answer_rows[name] == target[:, None, None]).any(-1))
+                stated = torch.stack([at for _, at in chunk]).to(device) // module.params.block_size
+                chosen = answer_rows[name]  # (trials, KV groups, top_n), -1 = unused slot
+                per_layer.append((chosen[..., None] == stated[:, None, None, :]).any(-1).any(-1))
             found.append(torch.stack(per_layer, 1).cpu())
     finally:
         for hook in hooks:
             hook.remove()
     hits = torch.cat(found).float()
-    return {"layers": hits.mean((0, 2)).tolist(), "any": hits.flatten(1).any(1).float().mean().item()}
+    window = next(iter(modules.values())).params.window
+    in_window = [bool((at > query - window).any()) for _, at in rows]
+    return {
+        "layers": hits.mean((0, 2)).tolist(),
+        "any": hits.flatten(1).any(1).float().mean().item(),
+        "in_window": sum(in_window) / trials,
+    }
 
 
 def evaluate(model, val: torch.Tensor, preset: Preset, device, seed: int) -> dict:
@@ -415,8 +438,11 @@ def main(argv: list[str] | None = None) -> dict:
         nsa_warmup_steps=args.nsa_warmup_steps,
         dense=None if args.dense is None else str(args.dense),
     )
+    results["corpus"] = {"train_tokens": len(train_stream), "held_out_tokens": len(val)}
+    results["software"] = {"torch": torch.__version__, "transformers": transformers.__version__}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
+        results["software"]["triton"] = importlib.metadata.version("triton")
     losses: dict[str, list] = {}
     speed: dict[str, float] = {}
     models: dict[str, dict] = {}
@@ -448,6 +474,14 @@ def main(argv: list[str] | None = None) -> dict:
         source = args.dense
         dense = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
     results["parameters"] = sum(p.numel() for p in dense.parameters())
+    shape = (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+    )
+    results["dense_model"] = {field: getattr(dense.config, field) for field in shape}
     models["dense"] = evaluate(dense, val, preset, device, args.seed)
     stage_done("evaluate dense")
 
@@ -472,7 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
         losses[name] = []
         speed[name] = train(model, rows, preset.continue_steps, lr, nsa_lr, device, losses[name], only_new)
         models[name] = evaluate(model, val, preset, device, args.seed)
-        stage_done(name)
+        stage_done(f"train and evaluate {name}")
 
     longest = str(max(preset.eval_lens))
     results["nsa_vs_dense_perplexity"] = {

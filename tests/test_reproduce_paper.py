@@ -50,7 +50,8 @@ def test_writes_every_model_and_metric(run):
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     preset = script.PRESETS["tiny"]
     assert set(results["models"]) == {"dense", "nsa_converted", "dense_continued", "nsa_continued"}
-    stages = ["pretrain", "evaluate dense", "convert and evaluate", "dense_continued", "nsa_continued"]
+    stages = ["pretrain", "evaluate dense", "convert and evaluate"]
+    stages += ["train and evaluate dense_continued", "train and evaluate nsa_continued"]
     assert list(results["seconds"]) == stages
     assert all(s >= 0 for s in results["seconds"].values())
     for model in results["models"].values():
@@ -81,14 +82,24 @@ def test_training_lowers_the_loss(run):
 
 def test_passkey_row_states_the_key_at_its_depth_and_ends_with_it():
     stream = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(1))
-    row, key_at = script.passkey_row(stream, 600, 0.25, "40917", 123)
+    row, stated = script.passkey_row(stream, 600, 0.25, "40917", 123)
     text = bytes(row.tolist())
     assert len(row) == 600 and text.endswith(b"The pass key is 40917")
     statement = text.index(b"\n# The pass key is 40917.")
     filler = 600 - len(b"\n# The pass key is 40917. Remember it. 40917 is the pass key.\n") - 46
     assert statement == int(0.25 * filler)
-    assert key_at == statement + len(b"\n# The pass key is ") and text[key_at : key_at + 5] == b"40917"
     assert torch.equal(row[:statement], stream[123 : 123 + statement])
+    first, second = statement + len(b"\n# The pass key is "), text.index(b"Remember it. 40917") + 13
+    assert stated.tolist() == [*range(first, first + 5), *range(second, second + 5)]
+    assert bytes(row[stated].tolist()) == b"4091740917"
+
+
+def test_the_answer_query_is_the_one_before_the_key_digits():
+    stream = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(7))
+    for row, stated in script.passkey_trials(stream, 300, 5, seed=1):
+        query = len(row) - script.KEY_DIGITS - 1
+        assert bytes(row[query - 3 : query + 1].tolist()) == b" is "
+        assert torch.equal(row[query + 1 :], row[stated[: script.KEY_DIGITS]])
 
 
 class Oracle(torch.nn.Module):
@@ -144,39 +155,61 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     assert scales[-1] == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("top_n", [3, 5, 16])
-def test_key_block_recall_counts_the_groups_whose_answer_query_selects_the_key(run, top_n):
-    """Recomputed from each layer's selection at the answer's first digit: 3 = only the forced blocks (the
-    key lies in none of them), 16 = every block of a 256-token row, 5 = some of them."""
+@pytest.mark.parametrize("top_n,expected", [(3, 0.0), (16, 1.0)])
+def test_key_block_recall_of_the_forced_blocks_alone_and_of_every_block(run, top_n, expected):
+    """top_n 3 = only the forced blocks (first, current, previous: the key lies in none of them);
+    16 = every block of a 256-token row."""
     out, _ = run
     model = nsa_convert.load(out / "nsa").eval()
-    modules = nsa_modules(model)
-    selections = {}
-    for name, module in modules.items():
+    for module in nsa_modules(model).values():
         module.params = dataclasses.replace(module.params, top_n=top_n)
-        module.register_forward_pre_hook(
-            lambda m, args, name=name: selections.setdefault(name, []).append(m.selected_blocks(*args[:2]))
-        )
     stream = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(4))
     got = script.key_block_recall(model, stream, 256, 6, 4, torch.device("cpu"), seed=0)
+    assert got["any"] == expected and got["layers"] == [expected] * len(nsa_modules(model))
 
-    block = script.PRESETS["tiny"].nsa["block_size"]
-    key_blocks = torch.tensor([at // block for _, at in script.passkey_trials(stream, 256, 6, seed=0)])
-    hit = torch.stack(
-        [(torch.cat(selections[name])[:, 256 - 6] == key_blocks[:, None, None]).any(-1) for name in modules],
-        dim=1,
-    )  # trials × layers × KV groups
-    assert got["layers"] == pytest.approx(hit.double().mean((0, 2)).tolist())
-    assert got["any"] == pytest.approx(hit.flatten(1).any(1).double().mean().item())
-    expected = {3: 0.0, 16: 1.0}.get(top_n)
-    if expected is not None:
-        assert got["any"] == expected and got["layers"] == [expected] * len(modules)
+
+def test_key_block_recall_reads_the_answer_query_and_either_statement(run, monkeypatch):
+    """Hand-made selections: layer 0's first KV group picks the block of the second statement's last digit
+    in every trial, layer 1 picks the first digit's block in all groups of trial 0 alone; every other
+    group picks a block that holds no key digit.  A 100-token window reaches some statements."""
+    out, _ = run
+    model = nsa_convert.load(out / "nsa").eval()
+    modules = list(nsa_modules(model).values())
+    stream = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(8))
+    length, trials, batch = 256, 6, 4
+    rows = script.passkey_trials(stream, length, trials, seed=0)
+    query = length - script.KEY_DIGITS - 1
+    for layer, module in enumerate(modules):
+        module.params = dataclasses.replace(module.params, window=100)
+        block, groups = module.params.block_size, module.num_kv_heads
+        calls = iter(range(0, trials, batch))
+
+        def fake(q, k, layer=layer, block=block, groups=groups, calls=calls):
+            first = next(calls)
+            chosen = torch.full((q.shape[0], q.shape[2], groups, 3), -1, dtype=torch.long)
+            for b, (_, stated) in enumerate(rows[first : first + q.shape[0]]):
+                elsewhere = min(set(range(length // block)) - set((stated // block).tolist()))
+                chosen[b, query] = elsewhere
+                if layer == 0:
+                    chosen[b, query, 0, 1] = stated[-1] // block
+                elif first + b == 0:
+                    chosen[b, query, :, 2] = stated[0] // block
+            return chosen
+
+        monkeypatch.setattr(module, "selected_blocks", fake)
+    got = script.key_block_recall(model, stream, length, trials, batch, torch.device("cpu"), seed=0)
+    assert got["layers"] == pytest.approx([1 / modules[0].num_kv_heads, 1 / trials])
+    assert got["any"] == 1.0
+    reached = [int(stated.max()) >= query - 99 for _, stated in rows]
+    assert 0 < sum(reached) < trials and got["in_window"] == pytest.approx(sum(reached) / trials)
 
 
 def test_warm_up_steps_train_only_the_new_parameters(run):
     out, _ = run
     model = nsa_convert.load(out / "nsa")
     script._checkpointing(model)  # as in the run: checkpointed layers must still pass NSA its gradients
+    checkpointing = ("is_activation_checkpointing", "is_gradient_checkpointing")  # newer, older name
+    assert getattr(model, next(name for name in checkpointing if hasattr(type(model), name)))
     new = {id(p) for m in nsa_modules(model).values() for p in m.parameters()}
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     stream = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(5))
@@ -203,4 +236,10 @@ def test_a_variant_starts_from_the_pretrained_checkpoint(run, tmp_path):
     assert results["models"]["nsa_converted"] == first["models"]["nsa_converted"]
     assert "pretrain" not in results["losses"] and "pretrain" not in results["seconds"]
     assert results["settings"]["nsa_warmup_steps"] == 2 and results["settings"]["dense"] == str(out / "dense")
+    assert results["dense_model"] == first["dense_model"] == {
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 128,
+    }  # fmt: skip
+    with pytest.raises(SystemExit):
+        script.parse_args([*args, "--pretrain-steps", "3"])
     assert not (tmp_path / "dense").exists() and (tmp_path / "nsa" / "config.json").exists()
