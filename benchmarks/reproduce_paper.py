@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import functools
 import importlib.metadata
+import importlib.util
 import json
 import math
 import sys
@@ -39,7 +40,6 @@ import zlib
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 import nsa_convert
@@ -50,10 +50,10 @@ SEP = 256
 """Token between files (bytes are tokens 0–255)."""
 VOCAB = 264
 HELD_OUT = 20
+"""One file in HELD_OUT (by a hash of its path) is validation text."""
 KEY_DIGITS = 5
 """Digits of a passkey: the row's last KEY_DIGITS tokens; the query KEY_DIGITS + 1 from the end predicts
 the first of them."""
-"""One file in HELD_OUT (by a hash of its path) is validation text."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,10 +439,13 @@ def main(argv: list[str] | None = None) -> dict:
         dense=None if args.dense is None else str(args.dense),
     )
     results["corpus"] = {"train_tokens": len(train_stream), "held_out_tokens": len(val)}
-    results["software"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+    results["software"] = {
+        name: importlib.metadata.version(name)
+        for name in ("torch", "transformers", "triton")
+        if importlib.util.find_spec(name) is not None
+    }
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
-        results["software"]["triton"] = importlib.metadata.version("triton")
     losses: dict[str, list] = {}
     speed: dict[str, float] = {}
     models: dict[str, dict] = {}

@@ -236,6 +236,7 @@ def test_a_variant_starts_from_the_pretrained_checkpoint(run, tmp_path):
     assert results["models"]["nsa_converted"] == first["models"]["nsa_converted"]
     assert "pretrain" not in results["losses"] and "pretrain" not in results["seconds"]
     assert results["settings"]["nsa_warmup_steps"] == 2 and results["settings"]["dense"] == str(out / "dense")
+    assert set(results["software"]) >= {"torch", "transformers"}
     assert results["dense_model"] == first["dense_model"] == {
         "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "intermediate_size": 128,
