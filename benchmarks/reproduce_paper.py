@@ -21,7 +21,8 @@ so that the dense model can retrieve before it is converted (the paper's models 
 
 Writes OUT/results.json, OUT/dense (pretrained checkpoint), OUT/nsa (its conversion) and, when matplotlib
 is installed, OUT/perplexity.png and OUT/passkey.png.  Variants of the continued training (--continue-steps,
---nsa-warmup-steps, --passkey-frac) can start from one pretrained model: --dense OUT/dense.
+--nsa-warmup-steps, --passkey-frac) can start from one pretrained model: --dense OUT/dense.  --corpus DIR
+replaces the standard library by other Python sources.
 """
 
 from __future__ import annotations
@@ -120,6 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--nsa-warmup-steps", type=int, default=0, metavar="N",
         help="of the NSA model's continued steps, the first N train only its new parameters",
     )  # fmt: skip
+    parser.add_argument(
+        "--corpus", type=Path, action="append", metavar="DIR",
+        help="train and evaluate on the .py files under DIR (repeatable; default: the standard library)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.dense is not None and args.pretrain_steps is not None:
@@ -127,19 +132,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def corpus() -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, validation) token streams: the stdlib's .py files as bytes, SEP after each file."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+def corpus(roots: list[Path] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) token streams: the .py files under `roots` (default: the standard library's)
+    as bytes, SEP after each file; one file in HELD_OUT, by a hash of its path under its root, is held out.
+    Installed packages nested in a root (site-packages) and caches are skipped."""
     parts: dict[bool, list[torch.Tensor]] = {True: [], False: []}
     sep = torch.tensor([SEP], dtype=torch.int16)
-    for path in sorted(root.rglob("*.py")):
-        relative = path.relative_to(root).as_posix()
-        if "site-packages" in relative or "__pycache__" in relative:
-            continue
-        data = path.read_bytes()
-        if data:
-            held_out = zlib.crc32(relative.encode()) % HELD_OUT == 0
-            parts[held_out] += [torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int16), sep]
+    for root in roots or [Path(sysconfig.get_paths()["stdlib"])]:
+        for path in sorted(root.rglob("*.py")):
+            relative = path.relative_to(root).as_posix()
+            if "site-packages" in relative or "__pycache__" in relative or not path.is_file():
+                continue
+            data = path.read_bytes()
+            if data:
+                held_out = zlib.crc32(relative.encode()) % HELD_OUT == 0
+                parts[held_out] += [torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int16), sep]
+    if not parts[False] or not parts[True]:
+        raise SystemExit(
+            f"corpus: too few .py files under {', '.join(map(str, roots or []))} to hold some out"
+        )
     return torch.cat(parts[False]).long(), torch.cat(parts[True]).long()
 
 
@@ -427,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    train_stream, val = corpus()
+    train_stream, val = corpus(args.corpus)
     print(
         f"corpus: {len(train_stream) / 1e6:.1f} M training tokens, {len(val) / 1e6:.2f} M held out",
         flush=True,
@@ -438,7 +449,11 @@ def main(argv: list[str] | None = None) -> dict:
         nsa_warmup_steps=args.nsa_warmup_steps,
         dense=None if args.dense is None else str(args.dense),
     )
-    results["corpus"] = {"train_tokens": len(train_stream), "held_out_tokens": len(val)}
+    results["corpus"] = {
+        "roots": [str(root) for root in args.corpus or []] or ["stdlib"],
+        "train_tokens": len(train_stream),
+        "held_out_tokens": len(val),
+    }
     results["software"] = {
         name: importlib.metadata.version(name)
         for name in ("torch", "transformers", "triton")

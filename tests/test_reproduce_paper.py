@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import sys
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -244,3 +245,23 @@ def test_a_variant_starts_from_the_pretrained_checkpoint(run, tmp_path):
     with pytest.raises(SystemExit):
         script.parse_args([*args, "--pretrain-steps", "3"])
     assert not (tmp_path / "dense").exists() and (tmp_path / "nsa" / "config.json").exists()
+
+
+def test_corpus_reads_the_python_files_under_its_roots(tmp_path):
+    files = {f"a/m{i}.py": f"x = {i}\n".encode() * (i + 1) for i in range(40)}
+    files |= {"a/__pycache__/c.py": b"cached", "b/site-packages/p.py": b"installed", "a/notes.txt": b"text"}
+    for name, data in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    train, val = script.corpus([tmp_path / "a", tmp_path / "b"])
+    wanted = sorted(n for n in files if n.startswith("a/m"))
+    held = [n for n in wanted if zlib.crc32(n.removeprefix("a/").encode()) % script.HELD_OUT == 0]
+    assert 0 < len(held) < len(wanted)
+
+    def stream(names):
+        return [t for n in names for t in [*files[n], script.SEP]]
+
+    assert val.tolist() == stream(held)
+    assert train.tolist() == stream([n for n in wanted if n not in held])
+    with pytest.raises(SystemExit, match="too few"):
+        script.corpus([tmp_path / "b"])
