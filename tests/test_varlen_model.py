@@ -45,13 +45,26 @@ def logits_and_gradients(model, weights, **batch):
     return logits.detach(), {name: param.grad.clone() for name, param in nsa_parameters(model).items()}
 
 
-@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
-def test_packed_documents_match_each_document_alone(small_converted, rng, flash_kwargs):
-    model = load(small_converted, rng)
+def packed_batch(rng, flash_kwargs=False, labels=False):
+    """Random documents of LENGTHS and their batch as DataCollatorWithFlattening packs them."""
     documents = [torch.randint(1, VOCAB, (n,), generator=rng) for n in LENGTHS]
     collator = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs, return_tensors="pt")
     batch = collator([{"input_ids": doc.tolist()} for doc in documents])
-    batch.pop("labels")
+    if not labels:
+        batch.pop("labels")
+    return documents, batch
+
+
+def block_diagonal(document: torch.Tensor) -> torch.Tensor:
+    """The (1, 1, T, T) causal mask of the documents `document` (T,) numbers."""
+    i = torch.arange(len(document))
+    return ((i[None, :] <= i[:, None]) & (document[None, :] == document[:, None]))[None, None]
+
+
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+def test_packed_documents_match_each_document_alone(small_converted, rng, flash_kwargs):
+    model = load(small_converted, rng)
+    documents, batch = packed_batch(rng, flash_kwargs)
     assert batch["input_ids"].shape == (1, sum(LENGTHS)) and ("cu_seq_lens_q" in batch) == flash_kwargs
     weights = torch.randn(sum(LENGTHS), VOCAB, generator=rng)
     packed_logits, packed_grads = logits_and_gradients(model, weights, **batch)
@@ -96,9 +109,8 @@ def test_position_ids_of_a_left_padded_batch_leave_its_mask_in_charge():
     i = torch.arange(5)
     mask = ((i[None, :] <= i[:, None]) & (i[None, :] >= 2))[None, None]
     assert packed_documents(mask, 1, 5, 5, False, {"position_ids": positions}) is None
-    document = torch.tensor([0, 1, 2, 2, 2])
-    block_diagonal = (i[None, :] <= i[:, None]) & (document[None, :] == document[:, None])
-    documents = packed_documents(block_diagonal[None, None], 1, 5, 5, False, {"position_ids": positions})
+    mask = block_diagonal(torch.tensor([0, 1, 2, 2, 2]))
+    documents = packed_documents(mask, 1, 5, 5, False, {"position_ids": positions})
     assert documents.tolist() == [0, 1, 2, 5]
 
 
@@ -120,10 +132,7 @@ def test_flash_kwargs_are_refused_while_filling_a_cache():
 def test_bf16_autocast_trains_packed_documents(small_converted, rng):
     """Under autocast q and k come out of the rotary embedding in float32, v in bf16: NSA runs in bf16."""
     model = load(small_converted, rng)
-    documents = [torch.randint(1, VOCAB, (n,), generator=rng) for n in LENGTHS]
-    batch = DataCollatorWithFlattening(return_tensors="pt")(
-        [{"input_ids": doc.tolist()} for doc in documents]
-    )
+    _, batch = packed_batch(rng, labels=True)
     with torch.no_grad():
         expected = model(**batch, use_cache=False).logits
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -148,20 +157,12 @@ def mask_checks(monkeypatch):
 def test_a_packed_forward_checks_its_mask_once(small_converted, rng, mask_checks):
     """Every layer gets the same mask and position ids: the T × T check runs once per forward, not per layer."""
     model = load(small_converted, rng)
-    documents = [torch.randint(1, VOCAB, (n,), generator=rng) for n in LENGTHS]
-    batch = DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": d.tolist()} for d in documents])
-    batch.pop("labels")
+    _, batch = packed_batch(rng)
     with torch.no_grad():
         model(**batch, use_cache=False)
         assert mask_checks == [True] and len(nsa_modules(model)) > 1
         model(**batch, use_cache=False)
     assert mask_checks == [True, True]  # each forward builds its own mask
-
-
-def block_diagonal(document: torch.Tensor) -> torch.Tensor:
-    """The (1, 1, T, T) causal mask of the documents `document` (T,) numbers."""
-    i = torch.arange(len(document))
-    return ((i[None, :] <= i[:, None]) & (document[None, :] == document[:, None]))[None, None]
 
 
 def test_the_mask_verdict_is_redone_after_any_change(mask_checks):
@@ -191,9 +192,7 @@ def test_inference_mode_tensors_are_checked_every_time(mask_checks):
 
 def test_packed_documents_run_under_inference_mode(small_converted, rng):
     model = load(small_converted, rng)
-    documents = [torch.randint(1, VOCAB, (n,), generator=rng) for n in LENGTHS]
-    batch = DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": d.tolist()} for d in documents])
-    batch.pop("labels")
+    _, batch = packed_batch(rng)
     with torch.no_grad():
         expected = model(**batch, use_cache=False).logits
     with torch.inference_mode():
