@@ -288,27 +288,15 @@ def passkey_trials(stream, length: int, trials: int, seed: int) -> list[tuple[to
 
 
 @torch.no_grad()
-def passkey_accuracy(model, stream, length: int, trials: int, batch: int, device, seed: int) -> float:
-    """Share of trials (depths spread over the filler) whose five key digits greedy decoding returns."""
-    rows = [row for row, _ in passkey_trials(stream, length, trials, seed)]
-    hits = 0
-    for i in range(0, trials, batch):
-        ids = torch.stack(rows[i : i + batch]).to(device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(input_ids=ids, use_cache=False).logits
-        predicted = logits[:, -KEY_DIGITS - 1 : -1].argmax(-1)
-        hits += (predicted == ids[:, -KEY_DIGITS:]).all(-1).sum().item()
-    return hits / trials
+def passkey(model, stream, length: int, trials: int, batch: int, device, seed: int) -> dict:
+    """Passkey retrieval over trials at depths spread over the filler, one forward pass per batch of them.
 
-
-@torch.no_grad()
-def key_block_recall(model, stream, length: int, trials: int, batch: int, device, seed: int) -> dict:
-    """How often NSA's selection reaches the key: at the query that predicts the answer's first digit,
-    whether a KV group's selected blocks include a block holding a digit of the stated key.
-
-    Returns "layers" (per layer, the share of trials × KV groups), "any" (the share of trials in which
-    some layer and group selected it) and "in_window" (the share of trials whose statement the sliding
-    window reaches anyway).  Low recall with a key outside the window: the key is never read.
+    "accuracy": the share of trials whose key digits greedy decoding returns.  For NSA models also
+    "key_block_recall", how often the selection reaches the key: at the query that predicts the answer's
+    first digit, whether a KV group's selected blocks include a block holding a digit of the stated key;
+    "layers" (per layer, the share of trials × KV groups), "any" (the share of trials in which some layer
+    and group selected it) and "in_window" (the share of trials whose statement the sliding window
+    reaches anyway).  Low recall with a key outside the window: the key is never read.
     """
     modules = nsa_modules(model)
     answer_rows: dict[str, torch.Tensor] = {}
@@ -320,49 +308,54 @@ def key_block_recall(model, stream, length: int, trials: int, batch: int, device
     hooks = [
         module.register_forward_pre_hook(functools.partial(keep, name)) for name, module in modules.items()
     ]
-    rows, found = passkey_trials(stream, length, trials, seed), []
+    rows, found, hits = passkey_trials(stream, length, trials, seed), [], 0
     try:
         for chunk in (rows[i : i + batch] for i in range(0, trials, batch)):
             answer_rows.clear()
             ids = torch.stack([row for row, _ in chunk]).to(device)
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                model(input_ids=ids, use_cache=False)
-            per_layer = []
-            for name, module in modules.items():
-                stated = torch.stack([at for _, at in chunk]).to(device) // module.params.block_size
-                chosen = answer_rows[name]  # (trials, KV groups, top_n), -1 = unused slot
-                per_layer.append((chosen[..., None] == stated[:, None, None, :]).any(-1).any(-1))
-            found.append(torch.stack(per_layer, 1).cpu())
+                logits = model(input_ids=ids, use_cache=False).logits
+            predicted = logits[:, -KEY_DIGITS - 1 : -1].argmax(-1)
+            hits += (predicted == ids[:, -KEY_DIGITS:]).all(-1).sum().item()
+            if modules:
+                stated = torch.stack([at for _, at in chunk]).to(device)
+                per_layer = []
+                for name, module in modules.items():
+                    chosen = answer_rows[name]  # (trials, KV groups, top_n), -1 = unused slot
+                    blocks = stated // module.params.block_size
+                    per_layer.append((chosen[..., None] == blocks[:, None, None, :]).any(-1).any(-1))
+                found.append(torch.stack(per_layer, 1).cpu())
     finally:
         for hook in hooks:
             hook.remove()
-    hits = torch.cat(found).float()
-    window = next(iter(modules.values())).params.window
-    in_window = [bool((at > query - window).any()) for _, at in rows]
-    return {
-        "layers": hits.mean((0, 2)).tolist(),
-        "any": hits.flatten(1).any(1).float().mean().item(),
-        "in_window": sum(in_window) / trials,
-    }
+    result: dict = {"accuracy": hits / trials}
+    if modules:
+        selected = torch.cat(found).float()
+        window = next(iter(modules.values())).params.window
+        in_window = [bool((at > query - window).any()) for _, at in rows]
+        result["key_block_recall"] = {
+            "layers": selected.mean((0, 2)).tolist(),
+            "any": selected.flatten(1).any(1).float().mean().item(),
+            "in_window": sum(in_window) / trials,
+        }
+    return result
 
 
 def evaluate(model, val: torch.Tensor, preset: Preset, device, seed: int) -> dict:
     model.eval()
+    retrieval = {
+        str(n): passkey(model, val, n, preset.passkey_trials, preset.eval_batch, device, seed)
+        for n in preset.passkey_lens
+    }
     result = {
         "perplexity": {
             str(n): perplexity(model, val, n, preset.eval_tokens, preset.eval_batch, device)
             for n in preset.eval_lens
         },
-        "passkey": {
-            str(n): passkey_accuracy(model, val, n, preset.passkey_trials, preset.eval_batch, device, seed)
-            for n in preset.passkey_lens
-        },
+        "passkey": {n: r["accuracy"] for n, r in retrieval.items()},
     }
     if nsa_modules(model):
-        result["key_block_recall"] = {
-            str(n): key_block_recall(model, val, n, preset.passkey_trials, preset.eval_batch, device, seed)
-            for n in preset.passkey_lens
-        }
+        result["key_block_recall"] = {n: r["key_block_recall"] for n, r in retrieval.items()}
     print(f"  {result}", flush=True)
     return result
 

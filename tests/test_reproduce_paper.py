@@ -120,7 +120,7 @@ class Oracle(torch.nn.Module):
 def test_passkey_check_reads_exactly_the_five_key_predictions(wrong, accuracy):
     """Logits at −6 … −2 predict the key digits; the last one and those before the key do not count."""
     stream = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(2))
-    got = script.passkey_accuracy(Oracle(wrong), stream, 300, 3, 2, torch.device("cpu"), seed=0)
+    got = script.passkey(Oracle(wrong), stream, 300, 3, 2, torch.device("cpu"), seed=0)["accuracy"]
     assert got == accuracy
 
 
@@ -165,7 +165,7 @@ def test_key_block_recall_of_the_forced_blocks_alone_and_of_every_block(run, top
     for module in nsa_modules(model).values():
         module.params = dataclasses.replace(module.params, top_n=top_n)
     stream = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(4))
-    got = script.key_block_recall(model, stream, 256, 6, 4, torch.device("cpu"), seed=0)
+    got = script.passkey(model, stream, 256, 6, 4, torch.device("cpu"), seed=0)["key_block_recall"]
     assert got["any"] == expected and got["layers"] == [expected] * len(nsa_modules(model))
 
 
@@ -198,7 +198,8 @@ def test_key_block_recall_reads_the_answer_query_and_either_statement(run, monke
             return chosen
 
         monkeypatch.setattr(module, "selected_blocks", fake)
-    got = script.key_block_recall(model, stream, length, trials, batch, torch.device("cpu"), seed=0)
+    got = script.passkey(model, stream, length, trials, batch, torch.device("cpu"), seed=0)
+    got = got["key_block_recall"]
     assert got["layers"] == pytest.approx([1 / modules[0].num_kv_heads, 1 / trials])
     assert got["any"] == 1.0
     reached = [int(stated.max()) >= query - 99 for _, stated in rows]
