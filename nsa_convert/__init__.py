@@ -11,7 +11,19 @@ def __getattr__(name: str):
         from nsa_convert import api
 
         return getattr(api, name)
+    if name in ("enable_selection_distillation", "selection_distillation_loss"):
+        from nsa_convert.nn import distill
+
+        return getattr(distill, name)
     raise AttributeError(f"module 'nsa_convert' has no attribute {name!r}")
 
 
-__all__ = ["NSAConfig", "__version__", "convert", "load", "plan"]
+__all__ = [
+    "NSAConfig",
+    "__version__",
+    "convert",
+    "enable_selection_distillation",
+    "load",
+    "plan",
+    "selection_distillation_loss",
+]

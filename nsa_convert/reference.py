@@ -214,7 +214,7 @@ def compressed_attention(
     return o.to(q.dtype), lse.float()
 
 
-def _importance_terms(
+def importance_terms(
     num_blocks: int, visible: int, params: SparsityParams, device: torch.device
 ) -> torch.Tensor:
     """Compressed index of every term of eq. 9, per selection block: LongTensor (num_blocks, l'/d · l/d).
@@ -245,7 +245,7 @@ def _select_chunk(
     else:
         p_cmp, _ = _softmax(_exact_scores(q_chunk, k_cmp[:, : chunk.key_stop], _scale(params)), chunk.mask)
         shared = F.pad(p_cmp.sum(dim=2), (0, 1))
-        importance = shared[..., _importance_terms(blocks, chunk.key_stop, params, q.device)].sum(dim=-1)
+        importance = shared[..., importance_terms(blocks, chunk.key_stop, params, q.device)].sum(dim=-1)
     current = (torch.arange(chunk.start, chunk.stop, device=q.device) // block)[:, None]
     return _top_blocks(importance, current, params.top_n).permute(0, 2, 1, 3)
 
@@ -422,7 +422,7 @@ def _decode_select(
     else:
         p_cmp, _ = _softmax(_exact_scores(grouped, k_cmp.detach(), _scale(params)), cmp_mask)
         shared = F.pad(p_cmp.sum(dim=2), (0, 1))
-        terms = _importance_terms(num_blocks, num_cmp, params, grouped.device)
+        terms = importance_terms(num_blocks, num_cmp, params, grouped.device)
         importance = shared[..., terms].sum(dim=-1)
     current = positions.div(params.block_size, rounding_mode="floor")[:, None, :, None]
     return _top_blocks(importance, current, params.top_n).permute(0, 2, 1, 3).contiguous()

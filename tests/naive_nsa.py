@@ -30,32 +30,41 @@ def _compressed_probs(
     return torch.softmax(torch.tensor(scores, dtype=torch.float64), dim=0).tolist()
 
 
+def naive_importance(q: torch.Tensor, k_cmp: torch.Tensor, t: int, params: SparsityParams) -> list[float]:
+    """Eq. 9 importance of blocks 0 … ⌊t/l'⌋ for query t of one KV group, float64 loops.
+
+    q: (G, Dk), the group's query heads at t; k_cmp: (Tc, Dk), the group's compressed keys.
+    """
+    current = t // params.block_size
+    slices_per_block = params.block_size // params.compress_stride
+    slices_per_cmp = params.compress_block // params.compress_stride
+    importance = [0.0] * (current + 1)
+    for head in q.double():
+        p_cmp = _compressed_probs(head, k_cmp.double(), t, params)
+        for j in range(current + 1):
+            for m in range(slices_per_block):
+                for n in range(slices_per_cmp):
+                    i = slices_per_block * (j + 1) - 1 - m - n
+                    if 0 <= i < len(p_cmp):
+                        importance[j] += p_cmp[i]
+    return importance
+
+
 def naive_select(q: torch.Tensor, k_cmp: torch.Tensor, params: SparsityParams) -> torch.Tensor:
     """Selected blocks per (b, t, kv head), sorted ascending and padded with -1 to top_n.
 
     q: (B, T, Hq, Dk); k_cmp: (B, Tc, Hkv, Dk); params.scale must be resolved.
     Returns a LongTensor (B, T, Hkv, top_n).
     """
-    q, k_cmp = q.double(), k_cmp.double()
     batch, seq_len, num_q_heads, _ = q.shape
     num_kv_heads = k_cmp.shape[2]
     group = num_q_heads // num_kv_heads
-    slices_per_block = params.block_size // params.compress_stride
-    slices_per_cmp = params.compress_block // params.compress_stride
     out = torch.full((batch, seq_len, num_kv_heads, params.top_n), -1, dtype=torch.long)
     for b in range(batch):
         for t in range(seq_len):
             current = t // params.block_size
             for h in range(num_kv_heads):
-                importance = [0.0] * (current + 1)
-                for hq in range(h * group, (h + 1) * group):
-                    p_cmp = _compressed_probs(q[b, t, hq], k_cmp[b, :, h], t, params)
-                    for j in range(current + 1):
-                        for m in range(slices_per_block):
-                            for n in range(slices_per_cmp):
-                                i = slices_per_block * (j + 1) - 1 - m - n
-                                if 0 <= i < len(p_cmp):
-                                    importance[j] += p_cmp[i]
+                importance = naive_importance(q[b, t, h * group : (h + 1) * group], k_cmp[b, :, h], t, params)
                 chosen = {j for j in (0, current - 1, current) if 0 <= j <= current}
                 rest = sorted(
                     (j for j in range(current + 1) if j not in chosen), key=lambda j: (-importance[j], j)

@@ -8,12 +8,15 @@ documents (training on flattened batches) run `packed`, each document as if it w
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
 from nsa_convert.config import NSAConfig
 from nsa_convert.nn.cache import NSACacheLayer, nsa_cache_layer
 from nsa_convert.nn.compression import BlockCompressor, packed_block_starts
+from nsa_convert.nn.distill import distillation_term
 from nsa_convert.ops import nsa_attention, nsa_attention_varlen, nsa_decode, select_blocks
 from nsa_convert.sites import AttentionSite
 
@@ -84,6 +87,8 @@ class NSAttention(nn.Module):
             self.v_proj_slc = _linear_like(value_proj)
         self._hidden: torch.Tensor | None = None
         self._cache_layer: NSACacheLayer | None = None
+        self.distill_queries = 0
+        self.distill_term: torch.Tensor | None = None
         self.reset_gate()
 
     @torch.no_grad()
@@ -168,6 +173,22 @@ class NSAttention(nn.Module):
             "backend": self.backend,
         }
 
+    def _distill(
+        self,
+        q: torch.Tensor,
+        k_slc: torch.Tensor,
+        k_cmp: torch.Tensor,
+        documents: list[tuple[int, int]],
+        rows: int,
+    ) -> None:
+        """With selection distillation on (nsa_convert.nn.distill), keep this call's term: q, k_slc, k_cmp
+        with the tokens of `rows` batch rows flattened, documents (start, length) in them."""
+        self.distill_term = None
+        if torch.is_grad_enabled():
+            self.distill_term = distillation_term(
+                q, k_slc, k_cmp, documents, self.distill_queries * rows, self.compress_k, self.params
+            )
+
     def forward(
         self,
         query: torch.Tensor,
@@ -193,6 +214,13 @@ class NSAttention(nn.Module):
             q, gates, k_win, k_cmp, k_slc, v_win, v_cmp, v_slc = (
                 _shift_rows(x, pads) for x in (q, gates, k_win, k_cmp, k_slc, v_win, v_cmp, v_slc)
             )
+        if self.distill_queries:
+            batch, seq_len = q.shape[:2]
+            lengths = [seq_len] * batch if pads is None else (seq_len - pads).tolist()
+            self._distill(
+                q.flatten(0, 1), k_slc.flatten(0, 1), k_cmp.flatten(0, 1),
+                [(row * seq_len, length) for row, length in enumerate(lengths)], batch,
+            )  # fmt: skip
         compressed_k, compressed_v = self.compress_k(k_cmp), self.compress_v(v_cmp)
         if cache is not None:
             cache.start(pads, compressed_k, compressed_v)
@@ -250,6 +278,10 @@ class NSAttention(nn.Module):
         gates = flat(self._gates(hidden, dtype))
         k_win, k_cmp, k_slc = (flat(x) for x in self._split(key))
         v_win, v_cmp, v_slc = (flat(x) for x in self._split(value))
+        if self.distill_queries:
+            offsets = documents.tolist()
+            spans = [(start, stop - start) for start, stop in itertools.pairwise(offsets)]
+            self._distill(q, k_slc, k_cmp, spans, batch)
         starts = packed_block_starts(documents, self.params.compress_block, self.params.compress_stride)
         out = nsa_attention_varlen(
             q,

@@ -1,0 +1,185 @@
+"""Selection distillation: a training signal for NSA's top-n block selection, which has no gradient.
+
+A converted model selects blocks by compressed attention scores (the spec's eq. 9 importance), and the
+compression MLP starts as the block mean: a block holding one strongly matching token (a passkey, a
+definition) scores little above its neighbours, so at long context the selection is close to chance
+for such blocks, and the language-modelling loss barely corrects it.  The dense model already knows
+which blocks matter: for a query, the attention mass full attention puts on each selection block.
+
+During training, each NSA layer samples some query positions, computes for them (a) the block masses of
+full causal attention over the selection branch's keys (the target, no gradient) and (b) the eq. 9
+importance from the compressed keys, both summed over the query group and restricted to the blocks the
+selection ranks (not the forced initial, previous and current blocks, nor future ones), and scores their
+KL divergence.  Its gradient reaches only the key compressor φ_K: queries and raw keys are detached, so
+the model's own projections learn nothing from it.
+
+    enable_selection_distillation(model, queries=128)
+    loss = model(**batch).loss + weight * selection_distillation_loss(model)
+
+Works with activation checkpointing when it is non-reentrant (transformers' default), since the term is
+recomputed, like the rest of the layer, during the backward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from nsa_convert.nn.compression import BlockCompressor
+from nsa_convert.reference import MAX_CHUNK_SCORES, importance_terms
+from nsa_convert.spec import SparsityParams, num_selection_blocks
+
+
+def first_ranked_position(params: SparsityParams) -> int:
+    """The first query position whose selection ranks more candidate blocks than it keeps (t ≥ n·l')."""
+    return max(params.top_n * params.block_size, params.compress_block - 1)
+
+
+def block_attention_mass(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, params: SparsityParams
+) -> torch.Tensor:
+    """Full causal attention's mass on each selection block, averaged over each KV head's query group.
+
+    q (P, Hq, Dk): the queries at `positions` (P,) of one sequence; k (T, Hkv, Dk) its keys.
+    Returns (P, Hkv, num_selection_blocks(T)) float32, each row summing to 1.
+    """
+    seq_len, num_kv_heads = k.shape[:2]
+    block = params.block_size
+    grouped = q.float().unflatten(1, (num_kv_heads, -1))
+    scores = torch.einsum("phgd,khd->phgk", grouped, k.float()) * params.scale
+    future = torch.arange(seq_len, device=k.device) > positions[:, None, None, None]
+    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    padded = F.pad(probs, (0, num_selection_blocks(seq_len, block) * block - seq_len))
+    return padded.unflatten(-1, (-1, block)).sum(dim=-1).mean(dim=2)
+
+
+def block_importance(
+    q: torch.Tensor, k_cmp: torch.Tensor, positions: torch.Tensor, num_blocks: int, params: SparsityParams
+) -> torch.Tensor:
+    """The spec's eq. 9 importance of each selection block: (P, Hkv, num_blocks) float32.
+
+    q (P, Hq, Dk) at `positions` (P,); k_cmp (Tc, Hkv, Dk) the sequence's compressed keys.  The same
+    numbers `select_blocks` ranks, computed with a gradient with respect to k_cmp.
+    """
+    num_cmp, num_kv_heads = k_cmp.shape[:2]
+    grouped = q.float().unflatten(1, (num_kv_heads, -1))
+    scores = torch.einsum("phgd,chd->phgc", grouped, k_cmp.float()) * params.scale
+    ends = torch.arange(num_cmp, device=k_cmp.device) * params.compress_stride + params.compress_block - 1
+    hidden = ends > positions[:, None, None, None]
+    shared = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1).sum(dim=2)
+    terms = importance_terms(num_blocks, num_cmp, params, k_cmp.device)
+    return F.pad(shared, (0, 1))[..., terms].sum(dim=-1)
+
+
+def selection_kl(
+    q: torch.Tensor, k: torch.Tensor, k_cmp: torch.Tensor, positions: torch.Tensor, params: SparsityParams
+) -> torch.Tensor:
+    """KL(full attention's block masses ‖ eq. 9 importance) over the blocks each query's selection ranks.
+
+    One sequence: q (T, Hq, Dk), k (T, Hkv, Dk) the selection keys, k_cmp (Tc, Hkv, Dk) the compressed
+    keys, positions (P,) with every position ≥ first_ranked_position(params).  Both distributions are
+    renormalised over blocks 1 … ⌊t/l'⌋ − 2.  Returns the KL of each (position, KV head): (P, Hkv),
+    with a gradient with respect to k_cmp only.
+    """
+    num_blocks = num_selection_blocks(k.shape[0], params.block_size)
+    current = positions.div(params.block_size, rounding_mode="floor")
+    index = torch.arange(num_blocks, device=k.device)
+    ranked = ((index >= 1) & (index <= current[:, None] - 2))[:, None, :]
+    size = max(1, MAX_CHUNK_SCORES // (q.shape[1] * k.shape[0]))
+    parts = []
+    for start in range(0, positions.shape[0], size):
+        at = positions[start : start + size]
+        queries = q[at].detach()
+        with torch.no_grad():
+            target = block_attention_mass(queries, k.detach(), at, params) * ranked[start : start + size]
+            target = target / target.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        importance = block_importance(queries, k_cmp, at, num_blocks, params) * ranked[start : start + size]
+        log_student = torch.log(importance.clamp_min(1e-30)) - torch.log(
+            importance.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        )
+        parts.append((torch.special.xlogy(target, target) - target * log_student).sum(dim=-1))
+    return torch.cat(parts)
+
+
+def sample_positions(lengths: list[int], count: int, params: SparsityParams) -> list[torch.Tensor]:
+    """Up to `count` distinct query positions drawn uniformly over the sequences' ranked positions.
+
+    lengths: the tokens of each sequence (document).  Returns one LongTensor of positions per sequence
+    (CPU, sorted, possibly empty).  Draws from torch's global CPU generator, which activation checkpointing
+    restores before it recomputes a layer, so the recomputation samples the same positions.
+    """
+    first = first_ranked_position(params)
+    eligible = torch.tensor([max(0, length - first) for length in lengths])
+    total = int(eligible.sum())
+    chosen = torch.randperm(total)[: min(count, total)].sort().values
+    offsets = torch.cumsum(eligible, 0) - eligible
+    owner = torch.searchsorted(torch.cumsum(eligible, 0), chosen, right=True)
+    local = chosen - offsets[owner] + first
+    return [local[owner == i] for i in range(len(lengths))]
+
+
+def distillation_term(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    k_cmp_raw: torch.Tensor,
+    documents: list[tuple[int, int]],
+    count: int,
+    compressor: BlockCompressor,
+    params: SparsityParams,
+) -> torch.Tensor:
+    """The mean selection KL over `count` query positions sampled across the documents of one call.
+
+    q (N, Hq, Dk), k (N, Hkv, Dk) selection keys and k_cmp_raw (N, Hkv, Dk) the compression branch's keys,
+    tokens flattened; documents: (start, length) of each sequence in them; compressor: the layer's φ_K,
+    applied to each sampled document's detached keys.  0 (no gradient) when no document is long enough.
+    """
+    total, terms = q.new_zeros((), dtype=torch.float32), 0
+    positions = sample_positions([length for _, length in documents], count, params)
+    for (start, length), at in zip(documents, positions, strict=True):
+        if at.numel() == 0:
+            continue
+        span = slice(start, start + length)
+        with torch.autocast(q.device.type, enabled=False):  # float32 scores, not autocast's half
+            k_cmp = compressor(k_cmp_raw[span].detach().to(compressor.pos.dtype)[None])[0]
+            kl = selection_kl(q[span], k[span], k_cmp, at.to(q.device), params)
+        total, terms = total + kl.sum(), terms + kl.numel()
+    return total / max(terms, 1)
+
+
+def _distilling(model: nn.Module) -> list[nn.Module]:
+    from nsa_convert.nn.attention import NSAttention
+
+    return [m for m in model.modules() if isinstance(m, NSAttention)]
+
+
+def enable_selection_distillation(model: nn.Module, queries: int = 128) -> None:
+    """Make every NSA layer score its selection against full attention in forward passes with gradients.
+
+    queries: positions sampled per sequence (per batch row) and layer; 0 turns distillation off.
+    """
+    if queries < 0:
+        raise ValueError(f"queries must be ≥ 0, got {queries}")
+    layers = _distilling(model)
+    if not layers:
+        raise ValueError("the model has no NSA layers: load a converted checkpoint with nsa_convert.load")
+    for layer in layers:
+        layer.distill_queries = queries
+        layer.distill_term = None
+
+
+def selection_distillation_loss(model: nn.Module) -> torch.Tensor:
+    """The mean over NSA layers of the terms the last forward pass computed; takes them (a second call
+    without a forward in between fails)."""
+    layers = _distilling(model)
+    terms = [layer.distill_term for layer in layers if layer.distill_queries]
+    if not terms:
+        raise RuntimeError("selection distillation is off: call enable_selection_distillation(model) first")
+    if any(term is None for term in terms):
+        raise RuntimeError(
+            "no selection-distillation term from the last forward pass: it runs only with gradients "
+            "enabled (reentrant activation checkpointing disables them; use use_reentrant=False)"
+        )
+    for layer in layers:
+        layer.distill_term = None
+    return torch.stack(terms).mean()
