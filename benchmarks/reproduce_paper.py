@@ -11,7 +11,8 @@ dense (pretrained), dense (continued), NSA at conversion and NSA (continued):
   pass checks it, since greedy decoding yields the key exactly when every key digit is the argmax after
   the digits before it;
 - for the NSA models, key-block recall at each passkey length: how often the selection of the query that
-  predicts the answer's first digit includes the block where the key was stated, per layer.
+  predicts the answer's first digit includes the block where the key was stated, per layer; and that
+  query's mean gates per layer (how much of the selected branch reaches the output).
 
 Pretraining and continued training mix in passkey documents built from training files (--passkey-frac),
 so that the dense model can retrieve before it is converted (the paper's models learned it at scale).
@@ -20,9 +21,10 @@ so that the dense model can retrieve before it is converted (the paper's models 
     python benchmarks/reproduce_paper.py --out /tmp/repro --preset tiny   # CPU, about a minute
 
 Writes OUT/results.json, OUT/dense (pretrained checkpoint), OUT/nsa (its conversion) and, when matplotlib
-is installed, OUT/perplexity.png and OUT/passkey.png.  Variants of the continued training (--continue-steps,
---nsa-warmup-steps, --passkey-frac) can start from one pretrained model: --dense OUT/dense.  --corpus DIR
-replaces the standard library by other Python sources.
+is installed, OUT/perplexity.png and OUT/passkey.png.  Variants of the continued training
+(--continue-steps, --nsa-warmup-steps, --distill-selection, --gate-lr, --passkey-frac) can start from
+one pretrained model: --dense OUT/dense.  --corpus DIR replaces the standard library by other Python
+sources.
 """
 
 from __future__ import annotations
@@ -46,12 +48,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 import nsa_convert
 from nsa_convert.api import nsa_modules
 from nsa_convert.config import NSAConfig
+from nsa_convert.nn.distill import enable_selection_distillation, selection_distillation_loss
 
 SEP = 256
 """Token between files (bytes are tokens 0–255)."""
 VOCAB = 264
 HELD_OUT = 20
 """One file in HELD_OUT (by a hash of its path) is validation text."""
+DISTILL_QUERIES = 128
+"""Query positions per row and layer that selection distillation samples."""
 KEY_DIGITS = 5
 """Digits of a passkey: the row's last KEY_DIGITS tokens; the query KEY_DIGITS + 1 from the end predicts
 the first of them."""
@@ -120,6 +125,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--nsa-warmup-steps", type=int, default=0, metavar="N",
         help="of the NSA model's continued steps, the first N train only its new parameters",
+    )  # fmt: skip
+    parser.add_argument(
+        "--distill-selection", type=float, default=0.0, metavar="WEIGHT",
+        help="add WEIGHT × the selection-distillation loss (nsa_convert.nn.distill) to the NSA model's loss",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gate-lr", type=float, metavar="LR",
+        help="the NSA gates' learning rate (default: the NSA rate; 0 keeps them as converted)",
     )  # fmt: skip
     parser.add_argument(
         "--corpus", type=Path, action="append", metavar="DIR",
@@ -201,13 +214,22 @@ def _new_parameter_ids(model: PreTrainedModel) -> set[int]:
     return {id(p) for module in nsa_modules(model).values() for p in module.parameters()}
 
 
-def optimizer(model: PreTrainedModel, lr: float, nsa_lr: float) -> torch.optim.AdamW:
-    """AdamW: NSA's new parameters at nsa_lr, the others at lr; weight decay on matrices only (not on
-    norms, biases or the gates' initial logits)."""
+def optimizer(
+    model: PreTrainedModel, lr: float, nsa_lr: float, gate_lr: float | None = None
+) -> torch.optim.AdamW:
+    """AdamW: NSA's new parameters at nsa_lr (its gates at gate_lr when given; 0 keeps them as converted),
+    the others at lr; weight decay on matrices only (not on norms, biases or the gates' initial logits)."""
     new = _new_parameter_ids(model)
+    gates = {id(p) for module in nsa_modules(model).values() for p in module.gate.parameters()}
+    if gate_lr is None:
+        gate_lr, gates = nsa_lr, set()
     groups = []
-    for rate, is_new in ((lr, False), (nsa_lr, True)):
-        chosen = [p for p in model.parameters() if (id(p) in new) == is_new]
+    for rate, owned in (
+        (lr, lambda i: i not in new),
+        (nsa_lr, lambda i: i in new - gates),
+        (gate_lr, gates.__contains__),
+    ):
+        chosen = [p for p in model.parameters() if owned(id(p))]
         groups += [
             {"params": [p for p in chosen if p.dim() >= 2], "lr": rate, "weight_decay": 0.1},
             {"params": [p for p in chosen if p.dim() < 2], "lr": rate, "weight_decay": 0.0},
@@ -225,12 +247,26 @@ def lr_scale(step: int, steps: int) -> float:
 
 
 def train(
-    model, rows, steps: int, lr: float, nsa_lr: float, device: torch.device, log: list, only_new: int = 0
+    model,
+    rows,
+    steps: int,
+    lr: float,
+    nsa_lr: float,
+    device: torch.device,
+    log: dict[str, list],
+    only_new: int = 0,
+    distill: float = 0.0,
+    gate_lr: float | None = None,
 ) -> float:
     """Train for `steps` steps, the first `only_new` of them updating only NSA's new parameters (the rest
-    frozen, as a warm-up; they then join at the schedule's rate of that step, with fresh AdamW moments).
-    Returns tokens per second after the first step (compilation excluded; frozen steps are cheaper)."""
-    opt = optimizer(model, lr, nsa_lr)
+    frozen, as a warm-up; they then join at the schedule's rate of that step, with fresh AdamW moments);
+    with `distill` > 0, the loss adds distill × the selection-distillation term.  Logs every step's
+    language-modelling loss ("lm"), gradient norm before clipping ("grad_norm") and distillation term
+    ("distill", when on).  gate_lr: the gates' own rate (see `optimizer`).  Returns tokens per second after the first step (compilation excluded; frozen
+    steps are cheaper)."""
+    if distill:
+        enable_selection_distillation(model, DISTILL_QUERIES)
+    opt = optimizer(model, lr, nsa_lr, gate_lr)
     base = [g["lr"] for g in opt.param_groups]
     new = _new_parameter_ids(model)
     old = [p for p in model.parameters() if id(p) not in new]
@@ -244,19 +280,28 @@ def train(
         ids = next(rows).to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        total = loss
+        if distill:
+            term = selection_distillation_loss(model)
+            total = loss + distill * term
+            log.setdefault("distill", []).append(round(term.item(), 4))
+        total.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        log.append(round(loss.item(), 4))
+        log.setdefault("lm", []).append(round(loss.item(), 4))
+        log.setdefault("grad_norm", []).append(round(norm.item(), 4))
         if step == 0:
             start = time.perf_counter()
         else:
             tokens += ids.numel()
         if step % max(1, steps // 10) == 0 or step == steps - 1:
-            print(f"  step {step + 1}/{steps}: loss {log[-1]:.4f}", flush=True)
+            extra = f", selection KL {log['distill'][-1]:.4f}" if distill else ""
+            print(f"  step {step + 1}/{steps}: loss {log['lm'][-1]:.4f}{extra}", flush=True)
     for param in old:
         param.requires_grad_(True)
+    if distill:
+        enable_selection_distillation(model, 0)
     return tokens / (time.perf_counter() - start) if tokens else float("nan")
 
 
@@ -296,7 +341,9 @@ def passkey(model, stream, length: int, trials: int, batch: int, device, seed: i
     first digit, whether a KV group's selected blocks include a block holding a digit of the stated key;
     "layers" (per layer, the share of trials × KV groups), "any" (the share of trials in which some layer
     and group selected it) and "in_window" (the share of trials whose statement the sliding window
-    reaches anyway).  Low recall with a key outside the window: the key is never read.
+    reaches anyway).  Low recall with a key outside the window: the key is never read.  And
+    "gates_at_answer": per layer, the mean sigmoid gates (cmp, slc, win) of that query's heads: how much
+    of what the selection reads reaches the output.
     """
     modules = nsa_modules(model)
     answer_rows: dict[str, torch.Tensor] = {}
@@ -305,8 +352,17 @@ def passkey(model, stream, length: int, trials: int, batch: int, device, seed: i
     def keep(name: str, module, args: tuple) -> None:
         answer_rows[name] = module.selected_blocks(*args[:2])[:, query]
 
+    gates: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+
+    def keep_gates(name: str, module, args: tuple, logits: torch.Tensor) -> None:
+        heads = logits.shape[-1] // 3
+        gates[name].append(torch.sigmoid(logits[:, query].float()).view(-1, heads, 3).mean(1).cpu())
+
     hooks = [
         module.register_forward_pre_hook(functools.partial(keep, name)) for name, module in modules.items()
+    ] + [
+        module.gate.register_forward_hook(functools.partial(keep_gates, name))
+        for name, module in modules.items()
     ]
     rows, found, hits = passkey_trials(stream, length, trials, seed), [], 0
     try:
@@ -338,6 +394,7 @@ def passkey(model, stream, length: int, trials: int, batch: int, device, seed: i
             "any": selected.flatten(1).any(1).float().mean().item(),
             "in_window": sum(in_window) / trials,
         }
+        result["gates_at_answer"] = [torch.cat(gates[name]).mean(0).tolist() for name in modules]
     return result
 
 
@@ -356,6 +413,7 @@ def evaluate(model, val: torch.Tensor, preset: Preset, device, seed: int) -> dic
     }
     if nsa_modules(model):
         result["key_block_recall"] = {n: r["key_block_recall"] for n, r in retrieval.items()}
+        result["gates_at_answer"] = {n: r["gates_at_answer"] for n, r in retrieval.items()}
     print(f"  {result}", flush=True)
     return result
 
@@ -371,9 +429,12 @@ def dense_model(preset: Preset) -> LlamaForCausalLM:
 
 
 def _checkpointing(model: PreTrainedModel) -> None:
-    """Activation checkpointing under either of transformers' names for it."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
+    """Non-reentrant activation checkpointing (selection distillation needs gradients in the forward pass)
+    under either of transformers' names for it."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def plot(results: dict, out: Path) -> list[str]:
@@ -440,6 +501,8 @@ def main(argv: list[str] | None = None) -> dict:
     results["settings"].update(
         passkey_frac=args.passkey_frac,
         nsa_warmup_steps=args.nsa_warmup_steps,
+        distill_selection=args.distill_selection,
+        gate_lr=args.gate_lr,
         dense=None if args.dense is None else str(args.dense),
     )
     results["corpus"] = {
@@ -454,7 +517,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
-    losses: dict[str, list] = {}
+    losses: dict[str, dict[str, list]] = {}
     speed: dict[str, float] = {}
     models: dict[str, dict] = {}
     results.update(models=models, losses=losses, tokens_per_s=speed, seconds={})
@@ -473,7 +536,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("pretraining the dense model", flush=True)
         dense = dense_model(preset).to(device)
         rows = training_rows(train_stream, preset.pretrain_len, preset.pretrain_batch, args.passkey_frac, gen)
-        losses["pretrain"] = []
+        losses["pretrain"] = {}
         speed["pretrain"] = train(
             dense, rows, preset.pretrain_steps, preset.lr, preset.lr, device, losses["pretrain"]
         )
@@ -504,9 +567,15 @@ def main(argv: list[str] | None = None) -> dict:
     models["nsa_converted"] = evaluate(nsa, val, preset, device, args.seed)
     stage_done("convert and evaluate")
 
-    for name, model, lr, nsa_lr, only_new in (
-        ("dense_continued", dense, preset.continue_lr, preset.continue_lr, 0),
-        ("nsa_continued", nsa, preset.continue_lr, preset.nsa_lr, args.nsa_warmup_steps),
+    nsa_options = {
+        "nsa_lr": preset.nsa_lr,
+        "only_new": args.nsa_warmup_steps,
+        "distill": args.distill_selection,
+        "gate_lr": args.gate_lr,
+    }
+    for name, model, options in (
+        ("dense_continued", dense, {"nsa_lr": preset.continue_lr}),
+        ("nsa_continued", nsa, nsa_options),
     ):
         print(f"continued training: {name}", flush=True)
         _checkpointing(model)
@@ -514,8 +583,10 @@ def main(argv: list[str] | None = None) -> dict:
             train_stream, preset.long_len, preset.continue_batch, args.passkey_frac,
             torch.Generator().manual_seed(args.seed + 1),
         )  # fmt: skip
-        losses[name] = []
-        speed[name] = train(model, rows, preset.continue_steps, lr, nsa_lr, device, losses[name], only_new)
+        losses[name] = {}
+        speed[name] = train(
+            model, rows, preset.continue_steps, preset.continue_lr, device=device, log=losses[name], **options
+        )
         models[name] = evaluate(model, val, preset, device, args.seed)
         stage_done(f"train and evaluate {name}")
 

@@ -77,8 +77,8 @@ def test_converted_model_keeps_the_dense_perplexity_within_the_window(run):
 def test_training_lowers_the_loss(run):
     _, results = run
     losses = results["losses"]
-    assert all(math.isfinite(x) for log in losses.values() for x in log)
-    assert max(losses["pretrain"][-5:]) < min(losses["pretrain"][:3]) - 1.0
+    assert all(math.isfinite(x) for logs in losses.values() for log in logs.values() for x in log)
+    assert max(losses["pretrain"]["lm"][-5:]) < min(losses["pretrain"]["lm"][:3]) - 1.0
 
 
 def test_passkey_row_states_the_key_at_its_depth_and_ends_with_it():
@@ -134,19 +134,22 @@ def test_perplexity_scores_each_token_by_the_prediction_before_it():
     assert one_wrong == pytest.approx(math.exp(50 / 15), rel=1e-3)
 
 
-def test_new_parameters_train_at_their_own_rate_without_decay_on_vectors(run):
+def test_new_parameters_and_gates_train_at_their_own_rates_without_decay_on_vectors(run):
     out, _ = run
     model = nsa_convert.load(out / "nsa")
     new = {id(p) for m in nsa_modules(model).values() for p in m.parameters()}
     assert new
-    opt = script.optimizer(model, 1e-3, 5e-2)
-    seen = set()
-    for group in opt.param_groups:
-        for p in group["params"]:
-            seen.add(id(p))
-            assert group["lr"] == (5e-2 if id(p) in new else 1e-3)
-            assert group["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0)
-    assert seen == {id(p) for p in model.parameters()}
+    gates = {id(p) for m in nsa_modules(model).values() for p in m.gate.parameters()}
+    for gate_lr in (None, 0.0):
+        opt = script.optimizer(model, 1e-3, 5e-2, gate_lr)
+        seen = set()
+        for group in opt.param_groups:
+            for p in group["params"]:
+                seen.add(id(p))
+                rate = gate_lr if gate_lr is not None and id(p) in gates else 5e-2 if id(p) in new else 1e-3
+                assert group["lr"] == rate
+                assert group["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0)
+        assert seen == {id(p) for p in model.parameters()}
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
@@ -206,6 +209,21 @@ def test_key_block_recall_reads_the_answer_query_and_either_statement(run, monke
     assert 0 < sum(reached) < trials and got["in_window"] == pytest.approx(sum(reached) / trials)
 
 
+def test_gates_at_answer_are_each_layers_mean_gates_of_the_answer_query(run):
+    """Zero gate weights: every query's gates are the sigmoid of the bias, whatever the row."""
+    out, _ = run
+    model = nsa_convert.load(out / "nsa").eval()
+    expected = []
+    with torch.no_grad():
+        for module in nsa_modules(model).values():
+            module.gate.weight.zero_()
+            module.gate.bias.normal_(0.0, 2.0)
+            expected.append(torch.sigmoid(module.gate.bias).view(-1, 3).mean(0).tolist())
+    stream = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(3))
+    got = script.passkey(model, stream, 256, 5, 2, torch.device("cpu"), seed=0)["gates_at_answer"]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected))
+
+
 def test_warm_up_steps_train_only_the_new_parameters(run):
     out, _ = run
     model = nsa_convert.load(out / "nsa")
@@ -221,11 +239,11 @@ def test_warm_up_steps_train_only_the_new_parameters(run):
         return {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
 
     new_names = {name for name, p in model.named_parameters() if id(p) in new}
-    script.train(model, rows, 2, 1e-3, 1e-3, torch.device("cpu"), [], only_new=2)
+    script.train(model, rows, 2, 1e-3, 1e-3, torch.device("cpu"), {}, only_new=2)
     warmed = changed()
     assert warmed <= new_names and {n for n in new_names if n.endswith("gate.weight")} <= warmed
     assert all(p.requires_grad for p in model.parameters())
-    script.train(model, rows, 1, 1e-3, 1e-3, torch.device("cpu"), [], only_new=0)
+    script.train(model, rows, 1, 1e-3, 1e-3, torch.device("cpu"), {}, only_new=0)
     assert set(before) - new_names <= changed()
 
 
@@ -233,11 +251,21 @@ def test_a_variant_starts_from_the_pretrained_checkpoint(run, tmp_path):
     """--dense skips pretraining: the same dense model, evaluated alike, then converted and continued."""
     out, first = run
     args = ["--out", str(tmp_path), "--preset", "tiny", "--dense", str(out / "dense")]
-    results = script.main([*args, "--nsa-warmup-steps", "2"])
+    results = script.main([*args, "--nsa-warmup-steps", "2", "--distill-selection", "0.5", "--gate-lr", "0"])
     assert results["models"]["dense"] == first["models"]["dense"]
     assert results["models"]["nsa_converted"] == first["models"]["nsa_converted"]
     assert "pretrain" not in results["losses"] and "pretrain" not in results["seconds"]
     assert results["settings"]["nsa_warmup_steps"] == 2 and results["settings"]["dense"] == str(out / "dense")
+    assert results["settings"]["distill_selection"] == 0.5 and results["settings"]["gate_lr"] == 0.0
+    assert (
+        results["models"]["nsa_continued"]["gates_at_answer"]
+        == first["models"]["nsa_converted"]["gates_at_answer"]
+    )
+    continued = results["losses"]["nsa_continued"]
+    assert len(continued["distill"]) == len(continued["lm"]) == script.PRESETS["tiny"].continue_steps
+    assert (
+        all(kl > 0 for kl in continued["distill"]) and "distill" not in results["losses"]["dense_continued"]
+    )
     assert set(results["software"]) >= {"torch", "transformers"}
     assert results["dense_model"] == first["dense_model"] == {
         "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
