@@ -11,8 +11,10 @@ document as if it were alone.
 
 Data: --data FILE or DIRECTORY (every *.py, *.txt and *.md file under it), by default the Python
 standard library's sources. The new parameters get their own learning rate (--nsa-lr);
---warmup-nsa-only N trains only them for the first N steps. Each step logs the loss and, per layer,
-the mean of each branch's sigmoid gate (cmp, slc, win).
+--warmup-nsa-only N trains only them for the first N steps. --distill-selection WEIGHT adds the
+selection-distillation term (nsa_convert.enable_selection_distillation: it trains the key compressors
+to rank blocks as full attention would, which top-n selection cannot learn from the loss). Each step
+logs the loss and, per layer, the mean of each branch's sigmoid gate (cmp, slc, win).
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--warmup-nsa-only", type=int, default=0, metavar="N", help="train only NSA for N steps"
     )
+    parser.add_argument(
+        "--distill-selection", type=float, default=0.0, metavar="WEIGHT",
+        help="add WEIGHT × the selection-distillation KL to the loss (0: off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--distill-queries", type=int, default=128, metavar="N",
+        help="query positions per row and layer that selection distillation samples",
+    )  # fmt: skip
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1… (auto: cuda when available)")
     parser.add_argument(
         "--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 autocast on CUDA"
@@ -63,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.seq_len < 2 or args.batch_size < 1 or args.warmup_nsa_only < 0:
         parser.error("--steps, --seq-len (≥ 2), --batch-size must be positive, --warmup-nsa-only ≥ 0")
+    if args.distill_selection < 0 or args.distill_queries < 1:
+        parser.error("--distill-selection must be ≥ 0 and --distill-queries ≥ 1")
     return args
 
 
@@ -139,9 +151,14 @@ def train(args: argparse.Namespace) -> list[dict]:
     )
     autocast = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     model = nsa_convert.load(args.checkpoint, device=device, dtype=torch.float32, backend=args.backend)
-    # Transformers renamed gradient checkpointing; older releases have only the old name.
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
+    # Transformers renamed gradient checkpointing; older releases have only the old name.  Non-reentrant:
+    # the reentrant kind runs the forward pass without gradients, which selection distillation needs.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.distill_selection:
+        nsa_convert.enable_selection_distillation(model, args.distill_queries)
     model.train()
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
 
@@ -168,7 +185,11 @@ def train(args: argparse.Namespace) -> list[dict]:
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(**batch, use_cache=False).loss
-        loss.backward()
+        total = loss
+        if args.distill_selection:
+            distill = nsa_convert.selection_distillation_loss(model)
+            total = loss + args.distill_selection * distill
+        total.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -182,6 +203,8 @@ def train(args: argparse.Namespace) -> list[dict]:
             "tokens_per_s": batch["input_ids"].numel() / seconds,
             "gates": {path: mean.tolist() for path, mean in gates.items()},
         }
+        if args.distill_selection:
+            record["selection_kl"] = distill.item()
         history.append(record)
         print(format_record(record, args.steps), flush=True)
         if not math.isfinite(record["loss"]):
@@ -199,6 +222,7 @@ def format_record(record: dict, steps: int) -> str:
     lines = [
         f"step {record['step']}/{steps}  loss {record['loss']:.4f}  {record['documents']} documents  "
         f"{record['tokens_per_s']:.0f} tok/s{phase}"
+        + (f"  selection KL {record['selection_kl']:.4f}" if "selection_kl" in record else "")
     ]
     for path, (cmp, slc, win) in record["gates"].items():
         lines.append(f"  {path}  gate cmp {cmp:.3f}  slc {slc:.3f}  win {win:.3f}")

@@ -121,6 +121,13 @@ def test_warm_up_trains_only_the_new_parameters(checkpoint, texts, tmp_path):
             assert torch.equal(after[name], value), name
 
 
+def test_selection_distillation_adds_its_term_on_packed_rows(checkpoint, texts, tmp_path):
+    history = run(checkpoint, texts, tmp_path / "distilled", "--steps", "2", "--distill-selection", "0.5")
+    assert all(record["documents"] >= 2 for record in history)
+    assert all(0 < record["selection_kl"] < 10 for record in history)
+    assert "selection KL" in example.format_record(history[0], 2)
+
+
 def test_packed_rows_restart_positions_at_each_document():
     pieces = iter([[1, 2, 3], [4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14], [15, 16, 17]])
     rows = example.packed_batches(pieces, seq_len=4, batch_size=2)
