@@ -92,6 +92,8 @@ def _term_and_grads(model, ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, d
     model(input_ids=ids, use_cache=False, **kwargs)
     term = selection_distillation_loss(model)
     term.backward()
+    # a checkpointed layer recomputes its term inside backward: it must not be kept (graph and all)
+    assert all(module.distill_term is None for module in nsa_modules(model).values())
     return term.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 

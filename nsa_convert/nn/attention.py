@@ -185,9 +185,13 @@ class NSAttention(nn.Module):
         with the tokens of `rows` batch rows flattened, documents (start, length) in them."""
         self.distill_term = None
         if torch.is_grad_enabled():
-            self.distill_term = distillation_term(
+            term = distillation_term(
                 q, k_slc, k_cmp, documents, self.distill_queries * rows, self.compress_k, self.params
             )
+            # Checkpointing recomputes this call inside backward: the term must be recomputed (its saved
+            # tensors are what backward unpacks) but not kept, or its graph would outlive the step.
+            if torch._C._current_graph_task_id() == -1:
+                self.distill_term = term
 
     def forward(
         self,

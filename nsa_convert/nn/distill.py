@@ -16,8 +16,8 @@ the model's own projections learn nothing from it.
     enable_selection_distillation(model, queries=128)
     loss = model(**batch).loss + weight * selection_distillation_loss(model)
 
-Works with activation checkpointing when it is non-reentrant (transformers' default), since the term is
-recomputed, like the rest of the layer, during the backward pass.
+Works with activation checkpointing when it is non-reentrant (pass use_reentrant=False; transformers 4
+defaulted to the reentrant kind, which runs the forward pass without gradients).
 """
 
 from __future__ import annotations
@@ -136,10 +136,10 @@ def distillation_term(
     """
     total, terms = q.new_zeros((), dtype=torch.float32), 0
     positions = sample_positions([length for _, length in documents], count, params)
-    for (start, length), at in zip(documents, positions, strict=True):
+    for (start, _), at in zip(documents, positions, strict=True):
         if at.numel() == 0:
             continue
-        span = slice(start, start + length)
+        span = slice(start, start + int(at.max()) + 1)  # later tokens are in every sampled query's future
         with torch.autocast(q.device.type, enabled=False):  # float32 scores, not autocast's half
             k_cmp = compressor(k_cmp_raw[span].detach().to(compressor.pos.dtype)[None])[0]
             kl = selection_kl(q[span], k[span], k_cmp, at.to(q.device), params)
@@ -156,7 +156,8 @@ def _distilling(model: nn.Module) -> list[nn.Module]:
 def enable_selection_distillation(model: nn.Module, queries: int = 128) -> None:
     """Make every NSA layer score its selection against full attention in forward passes with gradients.
 
-    queries: positions sampled per sequence (per batch row) and layer; 0 turns distillation off.
+    queries: positions sampled per batch row and layer (shared by the documents packed into a row);
+    0 turns distillation off.
     """
     if queries < 0:
         raise ValueError(f"queries must be ≥ 0, got {queries}")
