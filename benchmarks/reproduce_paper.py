@@ -262,8 +262,8 @@ def train(
     frozen, as a warm-up; they then join at the schedule's rate of that step, with fresh AdamW moments);
     with `distill` > 0, the loss adds distill × the selection-distillation term.  Logs every step's
     language-modelling loss ("lm"), gradient norm before clipping ("grad_norm") and distillation term
-    ("distill", when on).  gate_lr: the gates' own rate (see `optimizer`).  Returns tokens per second after the first step (compilation excluded; frozen
-    steps are cheaper)."""
+    ("distill", when on).  gate_lr: the gates' own rate (see `optimizer`).  Returns tokens per second
+    after the first step (compilation excluded; frozen steps are cheaper)."""
     if distill:
         enable_selection_distillation(model, DISTILL_QUERIES)
     opt = optimizer(model, lr, nsa_lr, gate_lr)
@@ -428,15 +428,6 @@ def dense_model(preset: Preset) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def _checkpointing(model: PreTrainedModel) -> None:
-    """Non-reentrant activation checkpointing (selection distillation needs gradients in the forward pass)
-    under either of transformers' names for it."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
 def plot(results: dict, out: Path) -> list[str]:
     """perplexity.png and passkey.png, when matplotlib is installed; returns the files written.
 
@@ -578,7 +569,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("nsa_continued", nsa, nsa_options),
     ):
         print(f"continued training: {name}", flush=True)
-        _checkpointing(model)
+        nsa_convert.enable_checkpointing(model)
         rows = training_rows(
             train_stream, preset.long_len, preset.continue_batch, args.passkey_frac,
             torch.Generator().manual_seed(args.seed + 1),

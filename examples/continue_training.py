@@ -151,12 +151,7 @@ def train(args: argparse.Namespace) -> list[dict]:
     )
     autocast = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     model = nsa_convert.load(args.checkpoint, device=device, dtype=torch.float32, backend=args.backend)
-    # Transformers renamed gradient checkpointing; older releases have only the old name.  Non-reentrant:
-    # the reentrant kind runs the forward pass without gradients, which selection distillation needs.
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    nsa_convert.enable_checkpointing(model)  # non-reentrant: selection distillation needs it
     if args.distill_selection:
         nsa_convert.enable_selection_distillation(model, args.distill_queries)
     model.train()

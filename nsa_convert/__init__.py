@@ -11,7 +11,7 @@ def __getattr__(name: str):
         from nsa_convert import api
 
         return getattr(api, name)
-    if name in ("enable_selection_distillation", "selection_distillation_loss"):
+    if name in ("enable_checkpointing", "enable_selection_distillation", "selection_distillation_loss"):
         from nsa_convert.nn import distill
 
         return getattr(distill, name)
@@ -22,6 +22,7 @@ __all__ = [
     "NSAConfig",
     "__version__",
     "convert",
+    "enable_checkpointing",
     "enable_selection_distillation",
     "load",
     "plan",

@@ -214,7 +214,7 @@ def compressed_attention(
     return o.to(q.dtype), lse.float()
 
 
-def importance_terms(
+def _importance_terms(
     num_blocks: int, visible: int, params: SparsityParams, device: torch.device
 ) -> torch.Tensor:
     """Compressed index of every term of eq. 9, per selection block: LongTensor (num_blocks, l'/d · l/d).
@@ -232,6 +232,13 @@ def importance_terms(
     return torch.where((index >= 0) & (index < visible), index, visible)
 
 
+def block_importance(shared: torch.Tensor, num_blocks: int, params: SparsityParams) -> torch.Tensor:
+    """Eq. 9: the importance (..., num_blocks) of each selection block, from the compressed-attention
+    probabilities summed over a query group, shared (..., visible) (0 beyond what a query sees)."""
+    terms = _importance_terms(num_blocks, shared.shape[-1], params, shared.device)
+    return F.pad(shared, (0, 1))[..., terms].sum(dim=-1)
+
+
 def _select_chunk(
     q: torch.Tensor, k_cmp: torch.Tensor, chunk: _Chunk, params: SparsityParams
 ) -> torch.Tensor:
@@ -244,8 +251,7 @@ def _select_chunk(
         importance = q.new_zeros(batch, num_kv_heads, size, blocks)
     else:
         p_cmp, _ = _softmax(_exact_scores(q_chunk, k_cmp[:, : chunk.key_stop], _scale(params)), chunk.mask)
-        shared = F.pad(p_cmp.sum(dim=2), (0, 1))
-        importance = shared[..., importance_terms(blocks, chunk.key_stop, params, q.device)].sum(dim=-1)
+        importance = block_importance(p_cmp.sum(dim=2), blocks, params)
     current = (torch.arange(chunk.start, chunk.stop, device=q.device) // block)[:, None]
     return _top_blocks(importance, current, params.top_n).permute(0, 2, 1, 3)
 
@@ -421,9 +427,7 @@ def _decode_select(
         importance = grouped.new_zeros(batch, num_kv_heads, n, num_blocks)
     else:
         p_cmp, _ = _softmax(_exact_scores(grouped, k_cmp.detach(), _scale(params)), cmp_mask)
-        shared = F.pad(p_cmp.sum(dim=2), (0, 1))
-        terms = importance_terms(num_blocks, num_cmp, params, grouped.device)
-        importance = shared[..., terms].sum(dim=-1)
+        importance = block_importance(p_cmp.sum(dim=2), num_blocks, params)
     current = positions.div(params.block_size, rounding_mode="floor")[:, None, :, None]
     return _top_blocks(importance, current, params.top_n).permute(0, 2, 1, 3).contiguous()
 

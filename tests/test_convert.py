@@ -150,7 +150,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
     for checkpointing in (False, True):
         model = nsa_convert.load(tmp_path / "nsa", dtype=torch.float32).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            nsa_convert.enable_checkpointing(model)
         model(ids, labels=ids, use_cache=False).loss.backward()
         grads.append({name: p.grad.clone() for name, p in model.named_parameters() if ".nsa." in name})
     assert grads[0].keys() == grads[1].keys()

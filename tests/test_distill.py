@@ -12,7 +12,7 @@ from nsa_convert import enable_selection_distillation, selection_distillation_lo
 from nsa_convert.api import nsa_modules
 from nsa_convert.nn.distill import (
     block_attention_mass,
-    block_importance,
+    compressed_importance,
     first_ranked_position,
     sample_positions,
     selection_kl,
@@ -46,7 +46,7 @@ def test_target_and_importance_match_float64_loops(rng):
     q, k, k_cmp, positions = _sequence(rng)
     group = q.shape[1] // k.shape[1]
     mass = block_attention_mass(q[positions], k, positions, PARAMS)
-    importance = block_importance(q[positions], k_cmp, positions, mass.shape[-1], PARAMS)
+    importance = compressed_importance(q[positions], k_cmp, positions, mass.shape[-1], PARAMS)
     for row, t in enumerate(positions.tolist()):
         for h in range(k.shape[1]):
             heads = q[t, h * group : (h + 1) * group]
@@ -62,7 +62,7 @@ def test_kl_compares_the_ranked_blocks_only(rng):
     q, k, k_cmp, positions = _sequence(rng)
     kl = selection_kl(q, k, k_cmp, positions, PARAMS)
     mass = block_attention_mass(q[positions], k, positions, PARAMS).double()
-    importance = block_importance(q[positions], k_cmp, positions, mass.shape[-1], PARAMS).double()
+    importance = compressed_importance(q[positions], k_cmp, positions, mass.shape[-1], PARAMS).double()
     for row, t in enumerate(positions.tolist()):
         ranked = slice(1, t // PARAMS.block_size - 1)  # not block 0, the previous or the current one
         for h in range(k.shape[1]):
@@ -125,7 +125,7 @@ def test_term_is_the_same_packed_left_padded_and_under_checkpointing(small_conve
     positions = torch.cat([torch.arange(130), torch.arange(20)])[None]
     packed_term, packed_grads = _term_and_grads(model, packed, position_ids=positions)
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    nsa_convert.enable_checkpointing(model)
     model.train()
     checkpointed_term, checkpointed_grads = _term_and_grads(model, ids)
     for other, other_grads in (

@@ -227,7 +227,9 @@ def test_gates_at_answer_are_each_layers_mean_gates_of_the_answer_query(run):
 def test_warm_up_steps_train_only_the_new_parameters(run):
     out, _ = run
     model = nsa_convert.load(out / "nsa")
-    script._checkpointing(model)  # as in the run: checkpointed layers must still pass NSA its gradients
+    nsa_convert.enable_checkpointing(
+        model
+    )  # as in the run: checkpointed layers must still pass NSA its gradients
     checkpointing = ("is_activation_checkpointing", "is_gradient_checkpointing")  # newer, older name
     assert getattr(model, next(name for name in checkpointing if hasattr(type(model), name)))
     new = {id(p) for m in nsa_modules(model).values() for p in m.parameters()}

@@ -16,8 +16,8 @@ the model's own projections learn nothing from it.
     enable_selection_distillation(model, queries=128)
     loss = model(**batch).loss + weight * selection_distillation_loss(model)
 
-Works with activation checkpointing when it is non-reentrant (pass use_reentrant=False; transformers 4
-defaulted to the reentrant kind, which runs the forward pass without gradients).
+Works with activation checkpointing when it is non-reentrant (`enable_checkpointing(model)`; transformers
+4 defaulted to the reentrant kind, which runs the forward pass without gradients).
 """
 
 from __future__ import annotations
@@ -27,13 +27,23 @@ from torch import nn
 from torch.nn import functional as F
 
 from nsa_convert.nn.compression import BlockCompressor
-from nsa_convert.reference import MAX_CHUNK_SCORES, importance_terms
+from nsa_convert.reference import MAX_CHUNK_SCORES, block_importance
 from nsa_convert.spec import SparsityParams, num_selection_blocks
 
 
 def first_ranked_position(params: SparsityParams) -> int:
     """The first query position whose selection ranks more candidate blocks than it keeps (t ≥ n·l')."""
     return max(params.top_n * params.block_size, params.compress_block - 1)
+
+
+def _group_probs(
+    q: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, params: SparsityParams
+) -> torch.Tensor:
+    """Softmax over the keys each query sees: q (P, Hq, Dk), keys (K, Hkv, Dk), hidden (P, K) true where a
+    key is not visible → (P, Hkv, G, K) float32."""
+    grouped = q.float().unflatten(1, (keys.shape[1], -1))
+    scores = torch.einsum("phgd,khd->phgk", grouped, keys.float()) * params.scale
+    return scores.masked_fill(hidden[:, None, None], float("-inf")).softmax(dim=-1)
 
 
 def block_attention_mass(
@@ -44,17 +54,14 @@ def block_attention_mass(
     q (P, Hq, Dk): the queries at `positions` (P,) of one sequence; k (T, Hkv, Dk) its keys.
     Returns (P, Hkv, num_selection_blocks(T)) float32, each row summing to 1.
     """
-    seq_len, num_kv_heads = k.shape[:2]
-    block = params.block_size
-    grouped = q.float().unflatten(1, (num_kv_heads, -1))
-    scores = torch.einsum("phgd,khd->phgk", grouped, k.float()) * params.scale
-    future = torch.arange(seq_len, device=k.device) > positions[:, None, None, None]
-    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    seq_len, block = k.shape[0], params.block_size
+    future = torch.arange(seq_len, device=k.device) > positions[:, None]
+    probs = _group_probs(q, k, future, params)
     padded = F.pad(probs, (0, num_selection_blocks(seq_len, block) * block - seq_len))
     return padded.unflatten(-1, (-1, block)).sum(dim=-1).mean(dim=2)
 
 
-def block_importance(
+def compressed_importance(
     q: torch.Tensor, k_cmp: torch.Tensor, positions: torch.Tensor, num_blocks: int, params: SparsityParams
 ) -> torch.Tensor:
     """The spec's eq. 9 importance of each selection block: (P, Hkv, num_blocks) float32.
@@ -62,14 +69,9 @@ def block_importance(
     q (P, Hq, Dk) at `positions` (P,); k_cmp (Tc, Hkv, Dk) the sequence's compressed keys.  The same
     numbers `select_blocks` ranks, computed with a gradient with respect to k_cmp.
     """
-    num_cmp, num_kv_heads = k_cmp.shape[:2]
-    grouped = q.float().unflatten(1, (num_kv_heads, -1))
-    scores = torch.einsum("phgd,chd->phgc", grouped, k_cmp.float()) * params.scale
-    ends = torch.arange(num_cmp, device=k_cmp.device) * params.compress_stride + params.compress_block - 1
-    hidden = ends > positions[:, None, None, None]
-    shared = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1).sum(dim=2)
-    terms = importance_terms(num_blocks, num_cmp, params, k_cmp.device)
-    return F.pad(shared, (0, 1))[..., terms].sum(dim=-1)
+    starts = torch.arange(k_cmp.shape[0], device=k_cmp.device) * params.compress_stride
+    hidden = starts + params.compress_block - 1 > positions[:, None]
+    return block_importance(_group_probs(q, k_cmp, hidden, params).sum(dim=2), num_blocks, params)
 
 
 def selection_kl(
@@ -94,7 +96,9 @@ def selection_kl(
         with torch.no_grad():
             target = block_attention_mass(queries, k.detach(), at, params) * ranked[start : start + size]
             target = target / target.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-        importance = block_importance(queries, k_cmp, at, num_blocks, params) * ranked[start : start + size]
+        importance = (
+            compressed_importance(queries, k_cmp, at, num_blocks, params) * ranked[start : start + size]
+        )
         log_student = torch.log(importance.clamp_min(1e-30)) - torch.log(
             importance.sum(dim=-1, keepdim=True).clamp_min(1e-30)
         )
@@ -147,6 +151,15 @@ def distillation_term(
     return total / max(terms, 1)
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of a transformers model, under either of its names for it
+    (the newer one, or the older one that defaulted to the reentrant kind)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _distilling(model: nn.Module) -> list[nn.Module]:
     from nsa_convert.nn.attention import NSAttention
 
@@ -179,7 +192,7 @@ def selection_distillation_loss(model: nn.Module) -> torch.Tensor:
     if any(term is None for term in terms):
         raise RuntimeError(
             "no selection-distillation term from the last forward pass: it runs only with gradients "
-            "enabled (reentrant activation checkpointing disables them; use use_reentrant=False)"
+            "enabled (reentrant activation checkpointing disables them; use enable_checkpointing(model))"
         )
     for layer in layers:
         layer.distill_term = None
