@@ -210,31 +210,11 @@ def training_rows(stream: torch.Tensor, length: int, batch: int, passkey_frac: f
         yield torch.stack(rows)
 
 
-def _new_parameter_ids(model: PreTrainedModel) -> set[int]:
-    return {id(p) for module in nsa_modules(model).values() for p in module.parameters()}
-
-
 def optimizer(
     model: PreTrainedModel, lr: float, nsa_lr: float, gate_lr: float | None = None
 ) -> torch.optim.AdamW:
-    """AdamW: NSA's new parameters at nsa_lr (its gates at gate_lr when given; 0 keeps them as converted),
-    the others at lr; weight decay on matrices only (not on norms, biases or the gates' initial logits)."""
-    new = _new_parameter_ids(model)
-    gates = {id(p) for module in nsa_modules(model).values() for p in module.gate.parameters()}
-    if gate_lr is None:
-        gate_lr, gates = nsa_lr, set()
-    groups = []
-    for rate, owned in (
-        (lr, lambda i: i not in new),
-        (nsa_lr, lambda i: i in new - gates),
-        (gate_lr, gates.__contains__),
-    ):
-        chosen = [p for p in model.parameters() if owned(id(p))]
-        groups += [
-            {"params": [p for p in chosen if p.dim() >= 2], "lr": rate, "weight_decay": 0.1},
-            {"params": [p for p in chosen if p.dim() < 2], "lr": rate, "weight_decay": 0.0},
-        ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95))
+    """AdamW over `nsa_convert.parameter_groups` (weight decay 0.1 on matrices)."""
+    return torch.optim.AdamW(nsa_convert.parameter_groups(model, lr, nsa_lr, gate_lr, 0.1), betas=(0.9, 0.95))
 
 
 def lr_scale(step: int, steps: int) -> float:
@@ -268,7 +248,7 @@ def train(
         enable_selection_distillation(model, DISTILL_QUERIES)
     opt = optimizer(model, lr, nsa_lr, gate_lr)
     base = [g["lr"] for g in opt.param_groups]
-    new = _new_parameter_ids(model)
+    new = {id(p) for module in nsa_modules(model).values() for p in module.parameters()}
     old = [p for p in model.parameters() if id(p) not in new]
     model.train()
     tokens, start = 0, time.perf_counter()

@@ -7,7 +7,7 @@ from nsa_convert.config import NSAConfig
 
 def __getattr__(name: str):
     """Import the heavy API (transformers, torch.export) on first use, not at package import."""
-    if name in ("convert", "load", "plan"):
+    if name in ("convert", "load", "parameter_groups", "plan"):
         from nsa_convert import api
 
         return getattr(api, name)
@@ -25,6 +25,7 @@ __all__ = [
     "enable_checkpointing",
     "enable_selection_distillation",
     "load",
+    "parameter_groups",
     "plan",
     "selection_distillation_loss",
 ]

@@ -422,6 +422,30 @@ def nsa_modules(model: nn.Module) -> dict[str, NSAttention]:
     return {name.removesuffix(".nsa"): m for name, m in model.named_modules() if isinstance(m, NSAttention)}
 
 
+def parameter_groups(
+    model: nn.Module, lr: float, nsa_lr: float, gate_lr: float | None = None, weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
+    """Optimizer groups for continued training: the dense model's parameters at lr, NSA's new ones at nsa_lr,
+    its gates at gate_lr (default nsa_lr; 0 holds them as converted, which kept the selected branch open in
+    docs/results.md); weight decay on matrices only, never on norms, biases or the gates' initial logits."""
+    new = {id(p) for module in nsa_modules(model).values() for p in module.parameters()}
+    gates = {id(p) for module in nsa_modules(model).values() for p in module.gate.parameters()}
+    if gate_lr is None:
+        gate_lr = nsa_lr
+    groups = []
+    for rate, owned in (
+        (lr, lambda i: i not in new),
+        (nsa_lr, lambda i: i in new - gates),
+        (gate_lr, gates.__contains__),
+    ):
+        chosen = [p for p in model.parameters() if owned(id(p))]
+        groups += [
+            {"params": [p for p in chosen if p.dim() >= 2], "lr": rate, "weight_decay": weight_decay},
+            {"params": [p for p in chosen if p.dim() < 2], "lr": rate, "weight_decay": 0.0},
+        ]
+    return [group for group in groups if group["params"]]
+
+
 def _bind(graph_module: torch.fx.GraphModule, model: nn.Module) -> None:
     """Point the graph's parameters and buffers at the model's tensors (same names, shared storage)."""
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]

@@ -134,24 +134,6 @@ def test_perplexity_scores_each_token_by_the_prediction_before_it():
     assert one_wrong == pytest.approx(math.exp(50 / 15), rel=1e-3)
 
 
-def test_new_parameters_and_gates_train_at_their_own_rates_without_decay_on_vectors(run):
-    out, _ = run
-    model = nsa_convert.load(out / "nsa")
-    new = {id(p) for m in nsa_modules(model).values() for p in m.parameters()}
-    assert new
-    gates = {id(p) for m in nsa_modules(model).values() for p in m.gate.parameters()}
-    for gate_lr in (None, 0.0):
-        opt = script.optimizer(model, 1e-3, 5e-2, gate_lr)
-        seen = set()
-        for group in opt.param_groups:
-            for p in group["params"]:
-                seen.add(id(p))
-                rate = gate_lr if gate_lr is not None and id(p) in gates else 5e-2 if id(p) in new else 1e-3
-                assert group["lr"] == rate
-                assert group["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0)
-        assert seen == {id(p) for p in model.parameters()}
-
-
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
     scales = [script.lr_scale(step, 100) for step in range(100)]
     assert scales[0] == pytest.approx(0.2) and scales[4] == pytest.approx(1.0)

@@ -121,6 +121,31 @@ def test_warm_up_trains_only_the_new_parameters(checkpoint, texts, tmp_path):
             assert torch.equal(after[name], value), name
 
 
+def test_parameter_groups_give_new_parameters_and_gates_their_rates_and_no_decay_to_vectors(checkpoint):
+    model = nsa_convert.load(checkpoint)
+    new = {id(p) for m in nsa_modules(model).values() for p in m.parameters()}
+    gates = {id(p) for m in nsa_modules(model).values() for p in m.gate.parameters()}
+    assert gates and gates < new
+    for gate_lr in (None, 0.0, 7e-4):
+        seen = []
+        for group in nsa_convert.parameter_groups(model, 1e-3, 5e-2, gate_lr, weight_decay=0.1):
+            for p in group["params"]:
+                seen.append(id(p))
+                gate_rate = 5e-2 if gate_lr is None else gate_lr
+                assert group["lr"] == (gate_rate if id(p) in gates else 5e-2 if id(p) in new else 1e-3)
+                assert group["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0)
+        assert sorted(seen) == sorted(id(p) for p in model.parameters())
+
+
+def test_gate_lr_zero_holds_the_gates_while_the_rest_trains(checkpoint, texts, tmp_path):
+    run(checkpoint, texts, tmp_path / "held", "--steps", "2", "--gate-lr", "0", "--nsa-lr", "1e-2")
+    before, after = tensors(checkpoint), tensors(tmp_path / "held")
+    gates = [name for name in before if ".nsa.gate." in name]
+    assert gates and all(torch.equal(after[name], before[name]) for name in gates)
+    moved = [name for name in before if ".nsa.compress_v.fc1.weight" in name]
+    assert moved and all(not torch.equal(after[name], before[name]) for name in moved)
+
+
 def test_selection_distillation_adds_its_term_on_packed_rows(checkpoint, tmp_path):
     """Documents long enough that every packed row holds one past the first ranked position (n·l' = 64)."""
     source = (Path(sysconfig.get_paths()["stdlib"]) / "os.py").read_text()
