@@ -8,7 +8,8 @@ writes one score per (position, block): +inf for forced blocks, −1 for non-can
 
 Top-n pass: per (position, head) row, the n-th largest score is found by a bitwise search on the scores'
 int32 bit patterns (ordered like the floats, all scores being ≥ 0 or −1), then the blocks above it and the
-lowest-id ties fill the n slots, written ascending. This replaced a running top-n merge after every tile,
+lowest-id ties fill the n slots, written ascending. It is launched per range of positions with a power of
+two of candidate blocks, one row per one-warp program on the GPU. This replaced a running top-n merge after every tile,
 which cost 60% of the fused kernel. Scores are written for a chunk of positions at a time, so the buffer
 stays bounded at any length.
 """
@@ -122,17 +123,18 @@ def select_scores_kernel(
 
 @triton.jit
 def select_topn_kernel(
-    SC, IDX, CU_Q, sc_r, sc_h, si_t, si_h, c0, chunk,
+    SC, IDX, CU_Q, sc_r, sc_h, si_t, si_h, c0, chunk, t_first, t_end,
     SEL: tl.constexpr, TOPN: tl.constexpr, RB: tl.constexpr, NBP: tl.constexpr, RN: tl.constexpr,
 ):  # fmt: skip
-    """IDX[t, h, :TOPN] for RB positions t ≥ c0 from their scores: selected block ids, ascending, −1 padded."""
+    """IDX[t, h, :TOPN] for RB positions t in [t_first, t_end) of the chunk at c0, from their scores: selected
+    block ids, ascending, −1 padded. NBP covers the blocks of t < t_end only (select_launch's ranges)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     q_start = tl.load(CU_Q + b)
     T = tl.load(CU_Q + b + 1) - q_start
-    t = c0 + pid * RB + tl.arange(0, RB)
-    t_ok = (t < T) & (t - c0 < chunk)
+    t = t_first + pid * RB + tl.arange(0, RB)
+    t_ok = (t < T) & (t - c0 < chunk) & (t < t_end)
     j = tl.arange(0, NBP)
     live = t_ok[:, None] & (j[None, :] <= (t // SEL)[:, None])
     val = tl.load(SC + (b * chunk + t - c0).to(tl.int64)[:, None] * sc_r + h * sc_h + j[None, :], mask=live)
@@ -189,7 +191,7 @@ def select_launch(q, k_cmp, lse_cmp, indices, cu_q, cu_k, max_len, params):
     if bt * gp < 16:
         bt = 16 // gp
     nbp = max(bj, triton.next_power_of_2(triton.cdiv(max(max_len, 1), params.block_size)))
-    rb = max(1, min(16, 4096 // nbp)) if gpu else 4
+    rb = 1 if gpu else 4
     align = max(bt, rb)
     chunk = max(align, SCORES_BYTES // (4 * n_seq * hkv * nbp) // align * align)
     chunk = min(chunk, triton.cdiv(max_len, align) * align)
@@ -204,8 +206,24 @@ def select_launch(q, k_cmp, lse_cmp, indices, cu_q, cu_k, max_len, params):
             DK=dk, BDK=max(16, triton.next_power_of_2(dk)),
             num_warps=8 if gpu and bt * gp >= 128 else 4, num_stages=2 if gpu else 1,
         )  # fmt: skip
-        select_topn_kernel[(triton.cdiv(min(chunk, max_len - c0), rb), hkv, n_seq)](
-            scores, indices, cu_q, scores.stride(0), scores.stride(1), indices.stride(0), indices.stride(1),
-            c0, chunk, SEL=params.block_size, TOPN=params.top_n, RB=rb, NBP=nbp,
-            RN=max(16, triton.next_power_of_2(params.top_n)), num_warps=4,
-        )  # fmt: skip
+        c1 = min(c0 + chunk, max_len)
+        for t_first, t_end, blocks in _causal_ranges(c0, c1, params.block_size, nbp):
+            select_topn_kernel[(triton.cdiv(t_end - t_first, rb), hkv, n_seq)](
+                scores, indices, cu_q, scores.stride(0), scores.stride(1), indices.stride(0), indices.stride(1),
+                c0, chunk, t_first, t_end, SEL=params.block_size, TOPN=params.top_n, RB=rb, NBP=blocks,
+                RN=max(16, triton.next_power_of_2(params.top_n)), num_warps=1 if gpu else 4,
+            )  # fmt: skip
+
+
+def _causal_ranges(c0: int, c1: int, block_size: int, nbp: int) -> list[tuple[int, int, int]]:
+    """Positions [c0, c1) split where the candidate blocks double (16, 32 … nbp): (first, end, blocks) each,
+    so the top-n search of early positions does not scan blocks they cannot see. On the H100 at 64k, with one
+    row and one warp per program (a row's reductions stay inside the warp), the top-n pass took 1.7 / 3.3 ms
+    (paper-G16 / llama-G4) against 3.9 / 7.7 ms with 4 rows × 4 warps over all blocks."""
+    ranges, start, blocks = [], c0, 16
+    while start < c1:
+        end = c1 if blocks >= nbp else min(c1, blocks * block_size)
+        if end > start:
+            ranges.append((start, end, min(blocks, nbp)))
+        start, blocks = max(start, end), blocks * 2
+    return ranges
