@@ -48,7 +48,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 import nsa_convert
 from nsa_convert.api import nsa_modules
 from nsa_convert.config import NSAConfig
-from nsa_convert.nn.distill import enable_selection_distillation, selection_distillation_loss
+from nsa_convert.nn.training import enable_selection_distillation, selection_distillation_loss
 
 SEP = 256
 """Token between files (bytes are tokens 0–255)."""

@@ -12,9 +12,9 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     if name in ("enable_checkpointing", "enable_selection_distillation", "selection_distillation_loss"):
-        from nsa_convert.nn import distill
+        from nsa_convert.nn import training
 
-        return getattr(distill, name)
+        return getattr(training, name)
     raise AttributeError(f"module 'nsa_convert' has no attribute {name!r}")
 
 

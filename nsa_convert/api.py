@@ -21,7 +21,7 @@ from nsa_convert.capture import Captured, capture, quiet_transformers, read_conf
 from nsa_convert.checkpoint import CheckpointReader, ShardWriter, TensorSpec, check_output, staged_output
 from nsa_convert.config import NSAConfig
 from nsa_convert.errors import CheckpointError, ConfigError, NSAConvertError, UnsupportedModelError
-from nsa_convert.nn.attention import NSAttention
+from nsa_convert.nn.attention import nsa_modules
 from nsa_convert.nn.install import build_site_module, install_nsa
 from nsa_convert.passes import RetargetDevice, plan_sites, rewrite_sites
 from nsa_convert.sites import AttentionSite, converted
@@ -415,11 +415,6 @@ def load(
     if device is not None:
         model.to(device)
     return model
-
-
-def nsa_modules(model: nn.Module) -> dict[str, NSAttention]:
-    """The NSAttention modules of a loaded model, keyed by their attention module's path."""
-    return {name.removesuffix(".nsa"): m for name, m in model.named_modules() if isinstance(m, NSAttention)}
 
 
 def parameter_groups(

@@ -323,3 +323,8 @@ class NSAttention(nn.Module):
             **self._options(),
         )
         return out.transpose(1, 2)
+
+
+def nsa_modules(model: nn.Module) -> dict[str, NSAttention]:
+    """The NSAttention modules of a loaded model, keyed by their attention module's path."""
+    return {name.removesuffix(".nsa"): m for name, m in model.named_modules() if isinstance(m, NSAttention)}

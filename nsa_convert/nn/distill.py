@@ -13,17 +13,13 @@ selection ranks (not the forced initial, previous and current blocks, nor future
 KL divergence.  Its gradient reaches only the key compressor φ_K: queries and raw keys are detached, so
 the model's own projections learn nothing from it.
 
-    enable_selection_distillation(model, queries=128)
-    loss = model(**batch).loss + weight * selection_distillation_loss(model)
-
-Works with activation checkpointing when it is non-reentrant (`enable_checkpointing(model)`; transformers
-4 defaulted to the reentrant kind, which runs the forward pass without gradients).
+This module computes the term for one layer (NSAttention calls it); nsa_convert.nn.training turns it on
+for a model and collects it.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from nsa_convert.nn.compression import BlockCompressor
@@ -149,51 +145,3 @@ def distillation_term(
             kl = selection_kl(q[span], k[span], k_cmp, at.to(q.device), params)
         total, terms = total + kl.sum(), terms + kl.numel()
     return total / max(terms, 1)
-
-
-def enable_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing of a transformers model, under either of its names for it
-    (the newer one, or the older one that defaulted to the reentrant kind)."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _distilling(model: nn.Module) -> list[nn.Module]:
-    from nsa_convert.nn.attention import NSAttention
-
-    return [m for m in model.modules() if isinstance(m, NSAttention)]
-
-
-def enable_selection_distillation(model: nn.Module, queries: int = 128) -> None:
-    """Make every NSA layer score its selection against full attention in forward passes with gradients.
-
-    queries: positions sampled per batch row and layer (shared by the documents packed into a row);
-    0 turns distillation off.
-    """
-    if queries < 0:
-        raise ValueError(f"queries must be ≥ 0, got {queries}")
-    layers = _distilling(model)
-    if not layers:
-        raise ValueError("the model has no NSA layers: load a converted checkpoint with nsa_convert.load")
-    for layer in layers:
-        layer.distill_queries = queries
-        layer.distill_term = None
-
-
-def selection_distillation_loss(model: nn.Module) -> torch.Tensor:
-    """The mean over NSA layers of the terms the last forward pass computed; takes them (a second call
-    without a forward in between fails)."""
-    layers = _distilling(model)
-    terms = [layer.distill_term for layer in layers if layer.distill_queries]
-    if not terms:
-        raise RuntimeError("selection distillation is off: call enable_selection_distillation(model) first")
-    if any(term is None for term in terms):
-        raise RuntimeError(
-            "no selection-distillation term from the last forward pass: it runs only with gradients "
-            "enabled (reentrant activation checkpointing disables them; use enable_checkpointing(model))"
-        )
-    for layer in layers:
-        layer.distill_term = None
-    return torch.stack(terms).mean()
