@@ -128,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--distill-selection", type=float, default=0.0, metavar="WEIGHT",
-        help="add WEIGHT × the selection-distillation loss (nsa_convert.nn.distill) to the NSA model's loss",
+        help="add WEIGHT × the selection-distillation loss (nsa_convert.nn.training) to the NSA model's loss",
     )  # fmt: skip
     parser.add_argument(
         "--gate-lr", type=float, metavar="LR",

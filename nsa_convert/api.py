@@ -421,18 +421,22 @@ def parameter_groups(
     model: nn.Module, lr: float, nsa_lr: float, gate_lr: float | None = None, weight_decay: float = 0.0
 ) -> list[dict[str, Any]]:
     """Optimizer groups for continued training: the dense model's parameters at lr, NSA's new ones at nsa_lr,
-    its gates at gate_lr (default nsa_lr; 0 holds them as converted, which kept the selected branch open in
-    docs/results.md); weight decay on matrices only, never on norms, biases or the gates' initial logits."""
-    new = {id(p) for module in nsa_modules(model).values() for p in module.parameters()}
-    gates = {id(p) for module in nsa_modules(model).values() for p in module.gate.parameters()}
-    if gate_lr is None:
-        gate_lr = nsa_lr
+    its gates at gate_lr (default nsa_lr); weight decay on matrices only, never on norms, biases or the
+    gates' initial logits. gate_lr=0 holds the gates as converted (which kept the selected branch open in
+    docs/results.md): they are frozen (requires_grad off) and left out of the groups, so no scheduler, Adam
+    state or gradient clipping touches them; any other gate_lr turns their gradients back on. A model
+    without NSA layers gets all its parameters at lr."""
+    modules = list(nsa_modules(model).values())
+    gates = {id(p) for module in modules for p in module.gate.parameters()}
+    new = {id(p) for module in modules for p in module.parameters()} - gates
+    gate_lr = nsa_lr if gate_lr is None else gate_lr
+    for module in modules:
+        module.gate.requires_grad_(gate_lr != 0)
+    owners = [(lr, lambda i: i not in new and i not in gates), (nsa_lr, new.__contains__)]
+    if gate_lr != 0:
+        owners.append((gate_lr, gates.__contains__))
     groups = []
-    for rate, owned in (
-        (lr, lambda i: i not in new),
-        (nsa_lr, lambda i: i in new - gates),
-        (gate_lr, gates.__contains__),
-    ):
+    for rate, owned in owners:
         chosen = [p for p in model.parameters() if owned(id(p))]
         groups += [
             {"params": [p for p in chosen if p.dim() >= 2], "lr": rate, "weight_decay": weight_decay},

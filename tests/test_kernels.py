@@ -227,20 +227,25 @@ def test_top_n_over_causal_ranges_matches_reference(rng, monkeypatch):
     """Positions past 16 blocks take the top-n pass's wider ranges (16 → 32 blocks at position 256 here), in
     chunks of 48 positions, one of which straddles the range boundary; two sequences."""
     monkeypatch.setattr(selection, "SCORES_BYTES", 4 * 2 * 2 * 32 * 48)
+    calls = []
+    ranges = selection._causal_ranges
+    monkeypatch.setattr(selection, "_causal_ranges", lambda *a: calls.append(ranges(*a)) or calls[-1])
     p = SMALL.resolved(16)
     x = _inputs(2, 300, 4, 2, 16, 16, p, rng)
     idx = select_blocks(x["q"], x["k_cmp"], p)
     _check_selection(idx, x["q"], x["k_cmp"], p)
+    assert len(calls) == 7 and [(240, 256, 16), (256, 288, 32)] in calls
 
 
 def test_causal_ranges_cover_the_chunk_with_enough_blocks():
-    for c0, c1, nbp in [(0, 65536, 1024), (1000, 1300, 32), (256, 512, 16), (5, 6, 64), (0, 100, 16)]:
+    for c0, c1, nbp in [(0, 65536, 4096), (1000, 1300, 128), (256, 512, 32), (5, 6, 64), (0, 100, 16)]:
+        assert nbp * 16 >= c1
         ranges = selection._causal_ranges(c0, c1, 16, nbp)
         assert ranges[0][0] == c0 and ranges[-1][1] == c1
         assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
         for first, end, blocks in ranges:
             assert first < end and blocks <= nbp and blocks & (blocks - 1) == 0
-            assert blocks >= min(nbp, -(-end // 16))
+            assert blocks * 16 >= end
 
 
 def _grads(x, p, idx, do):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 
 import nsa_convert
@@ -134,7 +135,17 @@ def test_parameter_groups_give_new_parameters_and_gates_their_rates_and_no_decay
                 gate_rate = 5e-2 if gate_lr is None else gate_lr
                 assert group["lr"] == (gate_rate if id(p) in gates else 5e-2 if id(p) in new else 1e-3)
                 assert group["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0)
-        assert sorted(seen) == sorted(id(p) for p in model.parameters())
+        held = gate_lr == 0.0
+        expected = [id(p) for p in model.parameters() if not (held and id(p) in gates)]
+        assert sorted(seen) == sorted(expected)
+        assert all(p.requires_grad != (held and id(p) in gates) for p in model.parameters())
+
+
+def test_parameter_groups_of_a_dense_model_put_everything_at_lr():
+    model = transformers.AutoModelForCausalLM.from_pretrained(ROOT / "examples" / "tiny-llama")
+    groups = nsa_convert.parameter_groups(model, 1e-3, 5e-2, 0.0, weight_decay=0.1)
+    assert {group["lr"] for group in groups} == {1e-3}
+    assert sum(len(group["params"]) for group in groups) == len(list(model.parameters()))
 
 
 def test_gate_lr_zero_holds_the_gates_while_the_rest_trains(checkpoint, texts, tmp_path):

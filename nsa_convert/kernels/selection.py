@@ -134,7 +134,7 @@ def select_topn_kernel(
     q_start = tl.load(CU_Q + b)
     T = tl.load(CU_Q + b + 1) - q_start
     t = t_first + pid * RB + tl.arange(0, RB)
-    t_ok = (t < T) & (t - c0 < chunk) & (t < t_end)
+    t_ok = (t < T) & (t < t_end)  # t_end ≤ c0 + chunk
     j = tl.arange(0, NBP)
     live = t_ok[:, None] & (j[None, :] <= (t // SEL)[:, None])
     val = tl.load(SC + (b * chunk + t - c0).to(tl.int64)[:, None] * sc_r + h * sc_h + j[None, :], mask=live)
