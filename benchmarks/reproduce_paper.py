@@ -21,9 +21,9 @@ so that the dense model can retrieve before it is converted (the paper's models 
     python benchmarks/reproduce_paper.py --out /tmp/repro --preset tiny   # CPU, about a minute
 
 Writes OUT/results.json, OUT/dense (pretrained checkpoint), OUT/nsa (its conversion) and, when matplotlib
-is installed, OUT/perplexity.png and OUT/passkey.png.  Variants of the continued training
-(--continue-steps, --nsa-warmup-steps, --distill-selection, --gate-lr, --passkey-frac) can start from
-one pretrained model: --dense OUT/dense.  --corpus DIR replaces the standard library by other Python
+is installed, OUT/perplexity.png and OUT/passkey.png.  Variants of the conversion and continued training
+(--continue-steps, --nsa-warmup-steps, --distill-selection, --gate-lr, --gate-cmp-logit, --passkey-frac)
+can start from one pretrained model: --dense OUT/dense.  --corpus DIR replaces the standard library by other Python
 sources.
 """
 
@@ -133,6 +133,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--gate-lr", type=float, metavar="LR",
         help="the NSA gates' learning rate (default: the NSA rate; 0 keeps them as converted)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gate-cmp-logit", type=float, metavar="X",
+        help="convert with this initial compressed-branch gate logit (NSAConfig.gate_cmp_logit; default −10: "
+        "≈ 0, so the loss barely reaches the key compressor)",
     )  # fmt: skip
     parser.add_argument(
         "--corpus", type=Path, action="append", metavar="DIR",
@@ -474,6 +479,7 @@ def main(argv: list[str] | None = None) -> dict:
         nsa_warmup_steps=args.nsa_warmup_steps,
         distill_selection=args.distill_selection,
         gate_lr=args.gate_lr,
+        gate_cmp_logit=args.gate_cmp_logit,
         dense=None if args.dense is None else str(args.dense),
     )
     results["corpus"] = {
@@ -532,7 +538,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("converting", flush=True)
     start = time.perf_counter()
-    nsa_convert.convert(source, args.out / "nsa", NSAConfig(**preset.nsa), overwrite=True)
+    overrides = {} if args.gate_cmp_logit is None else {"gate_cmp_logit": args.gate_cmp_logit}
+    nsa_convert.convert(source, args.out / "nsa", NSAConfig(**preset.nsa, **overrides), overwrite=True)
     results["convert_s"] = time.perf_counter() - start
     nsa = nsa_convert.load(args.out / "nsa", device=device, dtype=torch.float32)
     models["nsa_converted"] = evaluate(nsa, val, preset, device, args.seed)

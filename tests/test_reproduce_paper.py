@@ -260,6 +260,24 @@ def test_a_variant_starts_from_the_pretrained_checkpoint(run, tmp_path):
     assert not (tmp_path / "dense").exists() and (tmp_path / "nsa" / "config.json").exists()
 
 
+def test_gate_cmp_logit_opens_the_compressed_gate_at_conversion(run, tmp_path):
+    out, _ = run
+    args = [
+        "--out",
+        str(tmp_path),
+        "--preset",
+        "tiny",
+        "--dense",
+        str(out / "dense"),
+        "--continue-steps",
+        "1",
+    ]
+    results = script.main([*args, "--gate-cmp-logit", "-2"])
+    assert results["settings"]["gate_cmp_logit"] == -2.0
+    for gates in results["models"]["nsa_converted"]["gates_at_answer"].values():
+        assert all(layer[0] == pytest.approx(1 / (1 + math.exp(2)), rel=1e-5) for layer in gates)
+
+
 def test_corpus_reads_the_python_files_under_its_roots(tmp_path):
     files = {f"a/m{i}.py": f"x = {i}\n".encode() * (i + 1) for i in range(40)}
     files |= {"a/__pycache__/c.py": b"cached", "b/site-packages/p.py": b"installed", "a/notes.txt": b"text"}
