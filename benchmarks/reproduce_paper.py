@@ -23,8 +23,8 @@ so that the dense model can retrieve before it is converted (the paper's models 
 Writes OUT/results.json, OUT/dense (pretrained checkpoint), OUT/nsa (its conversion) and, when matplotlib
 is installed, OUT/perplexity.png and OUT/passkey.png.  Variants of the conversion and continued training
 (--continue-steps, --nsa-warmup-steps, --distill-selection, --gate-lr, --gate-cmp-logit, --passkey-frac)
-can start from one pretrained model: --dense OUT/dense.  --corpus DIR replaces the standard library by other Python
-sources.
+can start from one pretrained model: --dense OUT/dense.  --corpus DIR replaces the standard library by
+other Python sources.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ writes one score per (position, block): +inf for forced blocks, −1 for non-can
 Top-n pass: per (position, head) row, the n-th largest score is found by a bitwise search on the scores'
 int32 bit patterns (ordered like the floats, all scores being ≥ 0 or −1), then the blocks above it and the
 lowest-id ties fill the n slots, written ascending. It is launched per range of positions with a power of
-two of candidate blocks, one row per one-warp program on the GPU. This replaced a running top-n merge after every tile,
-which cost 60% of the fused kernel. Scores are written for a chunk of positions at a time, so the buffer
-stays bounded at any length.
+two of candidate blocks, one row per one-warp program on the GPU. This replaced a running top-n merge
+after every tile, which cost 60% of the fused kernel. Scores are written for a chunk of positions at a
+time, so the buffer stays bounded at any length.
 """
 
 from __future__ import annotations
