@@ -38,8 +38,9 @@ NO_BLOCK = tl.constexpr(2**31 - 1)
 """Above every block index: sort keys store it minus the block, and unfilled slots sort last with it."""
 MAX_ROWS = 64
 """Rows (new tokens × group heads) per program; longer decodes are split into chunks of new tokens."""
-BC = 64
-"""Compressed keys per tile (at least; more when a selection block's terms span more)."""
+BC = 32
+"""Compressed keys per tile (at least; more when a selection block's terms span more). Small tiles keep
+more programs resident per multiprocessor (shared memory per pipeline stage)."""
 BW = 64
 """Window keys per tile (one program each)."""
 PART = 128
@@ -56,8 +57,8 @@ TILE = 8192
 """Elements of the 3-D tiles (partial accumulators) one load takes."""
 MAX_SPLITS = 64
 """Most programs the compressed keys of one (sequence, KV head) are split over."""
-WAVES = 8
-"""Compressed programs aimed at per multiprocessor: short programs leave a short last wave."""
+WAVES = 2
+"""Compressed programs aimed at per multiprocessor: fewer splits mean fewer partials to merge."""
 POISON = False
 """Tests set this to fill every buffer the kernels must write with NaN (or −7777 for indices) first."""
 
@@ -473,7 +474,7 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         HKV=hkv, GROUP=group, GH=gh, ROWS=rows_p, NSEL=n_sel,
         CP0=cps[0], CCH0=_chunk(cps[0], gh, dvs), CP1=cps[1], CCH1=_chunk(cps[1], gh, dvs), CP2=cps[2],
         CCH2=_chunk(cps[2], gh, dvs), DV=dv, DVS=dvs, BDV=bdv,
-        num_warps=4,
+        num_warps=1,  # its tiles are HEADS × DV_SLICE: one warp's worth
     )  # fmt: skip
     return out, lse, indices
 
