@@ -123,8 +123,9 @@ class NSAttention(nn.Module):
 
     def attach_cache(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook (with kwargs) on the attention module: put this layer's NSACacheLayer into the
-        call's cache before the module updates it, and keep it for the attention function."""
-        cache = kwargs.get("past_key_values")
+        call's cache before the module updates it, and keep it for the attention function.  transformers
+        5.25 renamed the attention modules' `past_key_values` keyword to `cache`: either is read."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is None:
             self._cache_layer = None
             return
