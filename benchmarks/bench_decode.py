@@ -177,8 +177,9 @@ def cache_bytes_per_token(name: str, seq_len: int = 65536) -> dict:
     return result
 
 
-def extension_ms(name: str, batch: int = 16, seq_len: int = 8192) -> float:
-    """One step's incremental compression when every sequence completes a block (once every d steps)."""
+def extension_ms(name: str, backend: str, batch: int = 16, seq_len: int = 8192) -> float:
+    """One step's incremental compression when every sequence completes a block (once every d steps), by
+    the fused Triton kernel or the reference (gathered blocks through the φ modules, eager)."""
     _, hkv, dim = CONFIGS[name]
     layer = NSACacheLayer(hkv, False, PARAMS)
     kv = torch.randn(batch, hkv, seq_len - 1, dim, device="cuda", dtype=DTYPE)
@@ -197,7 +198,7 @@ def extension_ms(name: str, batch: int = 16, seq_len: int = 8192) -> float:
     for _ in range(20):
         layer.past_length = seq_len - 1
         start.record()
-        layer.extend_compressed(*phi)
+        layer.extend_compressed(*phi, backend)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
@@ -215,7 +216,7 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth()
     per_token = {name: cache_bytes_per_token(name) for name in CONFIGS}
-    extension = {name: extension_ms(name) for name in CONFIGS}
+    extension = {name: {b: extension_ms(name, b) for b in ("triton", "reference")} for name in CONFIGS}
     print(f"copy {bandwidth:.2f} TB/s; bytes/token {per_token}; φ ms {extension}", flush=True)
     rows = []
     for seq_len in args.contexts:
@@ -260,14 +261,16 @@ def main() -> None:
             f"{r['dense_tb_s']:.2f} |"
         )
     print(
-        "\n| config | dense B/token/layer | NSA shared | NSA independent | φ per completed block, B=16 (ms) |"
+        "\n| config | dense B/token/layer | NSA shared | NSA independent | "
+        "φ per completed block, B=16, Triton / reference (ms) |"
     )
     print("|---|---|---|---|---|")
     for name in CONFIGS:
         t = per_token[name]
         print(
             f"| {name} | {t['dense']} | {t['shared']:.1f} ({t['shared'] / t['dense']:.4f}×) | "
-            f"{t['independent']:.1f} ({t['independent'] / t['dense']:.4f}×) | {extension[name]:.3f} |"
+            f"{t['independent']:.1f} ({t['independent'] / t['dense']:.4f}×) | "
+            f"{extension[name]['triton']:.4f} / {extension[name]['reference']:.3f} |"
         )
 
 

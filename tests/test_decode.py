@@ -290,10 +290,12 @@ def compressors(dim, params, seed=0):
     return pair
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("independent", [False, True])
-def test_cache_layer_extends_compressed_blocks_incrementally(rng, independent):
+def test_cache_layer_extends_compressed_blocks_incrementally(rng, independent, backend):
     """Prefill, then decode steps of 1 and 3 tokens: the compressed cache equals φ over each sequence, the
-    raw views hold each sequence right-aligned, and the independent branches keep only w − 1 / l − 1 past."""
+    raw views hold each sequence right-aligned, and the independent branches keep only w − 1 / l − 1 past.
+    The Triton backend (one fused launch per φ) must write exactly the blocks completed, nothing else."""
     params, heads, dim = PARAMS, 2, 4
     m = 3 if independent else 1
     layer = NSACacheLayer(heads, independent, params)
@@ -326,7 +328,8 @@ def test_cache_layer_extends_compressed_blocks_incrementally(rng, independent):
         layer.update(keys[:, :, end : end + step], values[:, :, end : end + step])
         end += step
         assert layer.decoding and layer.get_seq_length() == end
-        layer.extend_compressed(compress_k, compress_v)
+        held = [x.nan_to_num().clone() for x in layer.compressed_kv()]
+        layer.extend_compressed(compress_k, compress_v, backend)
         assert torch.equal(layer.seq_lens(), end - pads.int())
         got_k, got_v = layer.compressed_kv()
         sel_k, _ = layer.selection_kv()
@@ -338,6 +341,9 @@ def test_cache_layer_extends_compressed_blocks_incrementally(rng, independent):
             with torch.no_grad():
                 torch.testing.assert_close(got_k[b, :count], compress_k(own_k)[0], rtol=1e-5, atol=1e-6)
                 torch.testing.assert_close(got_v[b, :count], compress_v(own_v)[0], rtol=1e-5, atol=1e-6)
+            for was, now in zip(held, (got_k, got_v), strict=True):
+                # Slots past a sequence's own blocks (others have more) are never written.
+                assert torch.equal(now[b, count : was.shape[1]].nan_to_num(), was[b, count:])
         if independent:
             win_k, _ = layer.window_kv()
             assert min(end, params.window - 1 + step) <= win_k.shape[1] <= end
@@ -533,3 +539,38 @@ def test_gpu_decode_step_captures_in_a_cuda_graph(rng):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, ops.nsa_decode(*args, backend="triton"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [128, 192])
+@pytest.mark.parametrize("step", [1, 40])
+def test_gpu_fused_compression_matches_the_module(rng, dim, step):
+    """bf16 at the paper's geometry: the fused kernel writes φ (computed in float32 by the module) of each
+    block the step completes, for left-padded sequences, without a host sync."""
+    params = SparsityParams().resolved(dim)
+    heads, pads, prefill = 4, [0, 7, 300, 1001], 4015  # with step 1, sequence 0 alone completes one
+    layer = NSACacheLayer(heads, False, params)
+    compress_k, _ = compressors(dim, params)
+    compress_k, reference_k = compress_k.cuda().bfloat16(), compress_k.cuda()
+    keys = torch.randn(len(pads), heads, prefill + step, dim, generator=rng).cuda().bfloat16()
+    layer.update(keys[:, :, :prefill], keys[:, :, :prefill])
+    width = num_compressed_blocks(prefill, params.compress_block, params.compress_stride)
+    stale = torch.randn(len(pads), width, heads, dim, generator=rng).cuda().bfloat16()
+    layer.start(torch.tensor(pads), stale, stale)
+    layer.update(keys[:, :, prefill:], keys[:, :, prefill:])
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer.extend_compressed(compress_k, compress_k, "triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    got, _ = layer.compressed_kv()
+    for b, pad in enumerate(pads):
+        own = keys[b : b + 1, :, pad:].transpose(1, 2).float()
+        before = num_compressed_blocks(prefill - pad, params.compress_block, params.compress_stride)
+        after = num_compressed_blocks(prefill + step - pad, params.compress_block, params.compress_stride)
+        with torch.no_grad():
+            want = reference_k(own)[0, before:after]
+        assert after > before or (step == 1 and b > 0)
+        assert torch.equal(got[b, :before], stale[b, :before])
+        new = got[b, before:after].float()
+        assert ((new - want).norm() / want.norm()).item() < 1e-2

@@ -168,11 +168,11 @@ def test_export_with_dynamic_sequence_length(rng):
 
 
 def test_auto_backend_resolution():
-    assert ops._resolve_backend("auto", torch.device("cpu")) == "reference"
-    assert ops._resolve_backend("auto", torch.device("cuda")) == (
+    assert ops.resolve_backend("auto", torch.device("cpu")) == "reference"
+    assert ops.resolve_backend("auto", torch.device("cuda")) == (
         "triton" if ops._triton_available() else "reference"
     )
-    assert ops._resolve_backend("reference", torch.device("cuda")) == "reference"
+    assert ops.resolve_backend("reference", torch.device("cuda")) == "reference"
 
 
 def test_triton_backend_without_kernels_is_not_implemented(rng, monkeypatch):
@@ -245,7 +245,7 @@ def test_auto_backend_on_cuda_matches_reference(rng, dtype):
         rng, params, batch=2, seq_len=150, q_heads=8, kv_heads=2, head_dim=32, value_dim=32
     )
     inputs = {name: x.to("cuda", torch.float32) for name, x in inputs.items()}
-    assert ops._resolve_backend("auto", torch.device("cuda")) == "triton"
+    assert ops.resolve_backend("auto", torch.device("cuda")) == "triton"
     results = {}
     for backend in ("auto", "reference"):
         leaves = {name: x.to(dtype).clone().requires_grad_() for name, x in inputs.items()}

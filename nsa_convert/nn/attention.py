@@ -307,7 +307,7 @@ class NSAttention(nn.Module):
 
         Compresses the blocks these tokens complete, then runs the decode op on the cache's views.
         """
-        cache.extend_compressed(self.compress_k, self.compress_v)
+        cache.extend_compressed(self.compress_k, self.compress_v, self.backend)
         k_slc, v_slc = cache.selection_kv()
         k_win, v_win = cache.window_kv()
         k_cmp, v_cmp = cache.compressed_kv()

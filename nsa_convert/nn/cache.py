@@ -8,7 +8,8 @@ It keeps what NSA reads and nothing more:
 - shared k/v: one raw K/V timeline serving selection and window (exactly the dense cache);
 - independent k/v: the selection branch's full raw K/V, the window branch's last w − 1 tokens and the
   compression branch's last l − 1 (the tokens of a compressed block not yet complete);
-- each sequence's compressed K/V, one new block whenever d new tokens complete one, φ run on that block only.
+- each sequence's compressed K/V, one new block whenever d new tokens complete one, φ run on that block only
+  (by `kernels.compress` on the Triton backend: one launch, indices computed on the device).
 
 Buffers grow geometrically (1.25×), so appending a token never copies the cache (DynamicLayer concatenates
 every step).  Sequences of a batch may be left-padded to different lengths: all end at the same raw
@@ -22,9 +23,10 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
+from nsa_convert.nn.compression import BlockCompressor
+from nsa_convert.ops import resolve_backend
 from nsa_convert.spec import SparsityParams, num_compressed_blocks
 
 GROWTH = 1.25
@@ -191,14 +193,33 @@ class NSACacheLayer(DynamicLayer):
         self._k_cmp, self._v_cmp = (self._own(x, count) for x in (self._k_cmp, self._v_cmp))
 
     @torch.no_grad()
-    def extend_compressed(self, compress_k: nn.Module, compress_v: nn.Module) -> None:
-        """Compress the blocks the latest update completed (per sequence: those with i·d + l − 1 < L_b)."""
+    def extend_compressed(
+        self, compress_k: BlockCompressor, compress_v: BlockCompressor, backend: str = "auto"
+    ) -> None:
+        """Compress the blocks the latest update completed (per sequence: those with i·d + l − 1 < L_b).
+
+        The Triton backend does it in one launch per φ with device-side indices (no host sync); the
+        reference gathers the blocks and calls the modules.
+        """
         before, after = self._num_compressed(self.past_length), self._num_compressed(self._slc.end)
-        new = [(b, i) for b, (lo, hi) in enumerate(zip(before, after, strict=True)) for i in range(lo, hi)]
-        if not new:
+        if before == after:
             return
-        length, stride = self.params.compress_block, self.params.compress_stride
+        self._reserve_compressed(max(after))
+        assert self._k_cmp is not None and self._v_cmp is not None and self._pads is not None
         keys, values = self._cmp.view()
+        if resolve_backend(backend, keys.device) == "triton":
+            from nsa_convert.kernels.compress import compress_new_blocks
+
+            for x, phi, out in ((keys, compress_k, self._k_cmp), (values, compress_v, self._v_cmp)):
+                weights = (phi.pos, phi.fc1.weight, phi.fc1.bias, phi.fc2.weight, phi.fc2.bias)
+                n_new = self._slc.end - self.past_length
+                stride = self.params.compress_stride
+                compress_new_blocks(
+                    x, self._cmp.first, self._pads, self._slc.end, n_new, stride, weights, out
+                )
+            return
+        new = [(b, i) for b, (lo, hi) in enumerate(zip(before, after, strict=True)) for i in range(lo, hi)]
+        length, stride = self.params.compress_block, self.params.compress_stride
         device = keys.device
         batch_index = torch.tensor([b for b, _ in new], device=device)
         block_index = torch.tensor([i for _, i in new], device=device)
@@ -207,8 +228,6 @@ class NSACacheLayer(DynamicLayer):
         # [N, l, H, D]: each new block as a sequence of l tokens, of which φ makes exactly one block.
         new_k = compress_k(keys[batch_index[:, None], :, rows])[:, 0]
         new_v = compress_v(values[batch_index[:, None], :, rows])[:, 0]
-        self._reserve_compressed(max(after))
-        assert self._k_cmp is not None and self._v_cmp is not None
         self._k_cmp[batch_index, :, block_index] = new_k.to(self._k_cmp.dtype)
         self._v_cmp[batch_index, :, block_index] = new_v.to(self._v_cmp.dtype)
 

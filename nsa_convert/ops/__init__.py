@@ -29,6 +29,7 @@ __all__ = [
     "nsa_attention_with_stats",
     "nsa_decode",
     "nsa_decode_with_stats",
+    "resolve_backend",
     "select_blocks",
 ]
 
@@ -45,7 +46,8 @@ def _triton_available() -> bool:
     return True
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs for `backend` on tensors of `device` ("auto" resolved; unknown names raise)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     if backend != "auto":
@@ -411,7 +413,7 @@ def nsa_attention_with_stats(
         compress_block,
         compress_stride,
         float(params.scale),
-        _resolve_backend(backend, q.device),
+        resolve_backend(backend, q.device),
     )
 
 
@@ -495,7 +497,7 @@ def select_blocks(
         compress_block,
         compress_stride,
         float(params.scale),
-        _resolve_backend(backend, q.device),
+        resolve_backend(backend, q.device),
     )
 
 
@@ -830,7 +832,7 @@ def nsa_attention_varlen(
         compress_block,
         compress_stride,
         float(params.scale),
-        _resolve_backend(backend, q.device),
+        resolve_backend(backend, q.device),
     )
     return out
 
@@ -918,7 +920,7 @@ def nsa_decode_with_stats(
         compress_block,
         compress_stride,
         float(params.scale),
-        _resolve_backend(backend, q.device),
+        resolve_backend(backend, q.device),
     )
 
 
