@@ -6,6 +6,8 @@ compression, selection and window boundaries.  The gates get random weights so t
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -29,6 +31,19 @@ def load(path, backend="auto"):
             module.gate.weight.normal_(0.0, 0.3)
             module.gate.bias.normal_(0.0, 0.5)
     return model
+
+
+def cached_call(model, ids, cache, **kwargs):
+    """model(ids) continuing `cache`: its keyword is `cache` from transformers 5.25 on, `past_key_values`
+    before (still accepted, deprecated, until 5.40)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return model(ids, **{name: cache}, use_cache=True, **kwargs)
+
+
+def cache_of(output):
+    """The cache a call returned (`cache` from transformers 5.25 on, `past_key_values` before)."""
+    cache = getattr(output, "cache", None)
+    return output.past_key_values if cache is None else cache
 
 
 def recompute_greedy(model, ids, steps):
@@ -93,9 +108,9 @@ def test_cached_calls_with_several_new_tokens(small_converted):
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits
         out = model(ids[:, :50], use_cache=True)
-        cache, start, pieces = out.past_key_values, 50, [out.logits]
+        cache, start, pieces = cache_of(out), 50, [out.logits]
         for step in (3, 1, 5, 1):
-            out = model(ids[:, start : start + step], past_key_values=cache, use_cache=True)
+            out = cached_call(model, ids[:, start : start + step], cache)
             pieces.append(out.logits)
             start += step
     assert relative_error(torch.cat(pieces, dim=1), expected) <= 1e-5
@@ -152,13 +167,10 @@ def test_gpu_cached_decoding_matches_the_full_sequence(tmp_path):
     with torch.no_grad():
         expected = model(ids, attention_mask=mask, use_cache=False).logits
         out = model(ids[:, :70], attention_mask=mask[:, :70], use_cache=True)
-        cache, start, pieces = out.past_key_values, 70, [out.logits]
+        cache, start, pieces = cache_of(out), 70, [out.logits]
         for step in (1, 3, 1, 5, 1, 1, 3, 1, 1, 1, 1, 1):
-            out = model(
-                ids[:, start : start + step],
-                attention_mask=mask[:, : start + step],
-                past_key_values=cache,
-                use_cache=True,
+            out = cached_call(
+                model, ids[:, start : start + step], cache, attention_mask=mask[:, : start + step]
             )
             pieces.append(out.logits)
             start += step

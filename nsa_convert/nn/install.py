@@ -33,8 +33,8 @@ def left_padding(mask: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Te
     """
     if q_len != kv_len:
         raise NotImplementedError(
-            "NSA layers got cached keys without their NSA cache layer: pass the cache as the "
-            "past_key_values keyword (or call the model with use_cache=False)"
+            "NSA layers got cached keys without their NSA cache layer: pass the cache as the model's "
+            "cache keyword (past_key_values before transformers 5.25), or call it with use_cache=False"
         )
     if mask is None or torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return None
