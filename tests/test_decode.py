@@ -7,11 +7,14 @@ cache as left padding leaves them; T crosses compression (l) and selection (l') 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from naive_nsa import naive_nsa
 
 from nsa_convert import ops, reference
+from nsa_convert.kernels import compress as compress_kernels
 from nsa_convert.kernels import decode as kernels
 from nsa_convert.nn.cache import ROUND, NSACacheLayer, _Timeline
 from nsa_convert.nn.compression import BlockCompressor
@@ -300,7 +303,7 @@ def test_cache_layer_extends_compressed_blocks_incrementally(rng, independent, b
     m = 3 if independent else 1
     layer = NSACacheLayer(heads, independent, params)
     compress_k, compress_v = compressors(dim, params)
-    pads = torch.tensor([0, 5, 11])
+    pads = torch.tensor([0, 5, 14])  # the last has no compressed block at the prefill
     total = 70
     keys = torch.randn(3, m * heads, total, dim, generator=rng)
     values = torch.randn(3, m * heads, total, dim, generator=rng)
@@ -322,7 +325,7 @@ def test_cache_layer_extends_compressed_blocks_incrementally(rng, independent, b
             v_cmp[b, :count] = compress_v(own_v)[0]
     layer.start(pads, k_cmp, v_cmp)
     end = prefill
-    for step in [1, 1, 3, 1, 1, 1, 3, 1] * 4 + [1] * 10:
+    for step in [1, 1, 3, 1, 9, 1, 1, 13] * 4:  # steps of 9 and 13 complete several blocks (d = 4)
         if end + step > total:
             break
         layer.update(keys[:, :, end : end + step], values[:, :, end : end + step])
@@ -351,6 +354,35 @@ def test_cache_layer_extends_compressed_blocks_incrementally(rng, independent, b
     raw = sum(x[:, :, :end].numel() * 4 for x in (keys, values))
     compressed = sum(x.numel() * x.element_size() for x in layer.compressed_kv())
     assert layer.nbytes() == raw + compressed if not independent else layer.nbytes() < raw + compressed
+
+
+def test_fused_compression_takes_the_hidden_layer_in_chunks(rng, monkeypatch):
+    """Head dim not a power of two, hidden ≠ head dim and weight tiles smaller than the hidden layer (40
+    units in chunks of 16): the fused kernel still writes φ of each completed block (17 new tokens)."""
+    monkeypatch.setattr(compress_kernels, "TILE", 512)
+    params, heads, dim, pads, prefill = PARAMS, 2, 24, [0, 9], 30
+    torch.manual_seed(1)
+    phi = BlockCompressor(dim, params.compress_block, params.compress_stride, hidden=40)
+    with torch.no_grad():
+        for p in phi.parameters():
+            p.normal_(0.0, 0.3)
+    keys = torch.randn(2, heads, prefill + 17, dim, generator=rng)
+    layer = NSACacheLayer(heads, False, params)
+    layer.update(keys[:, :, :prefill], keys[:, :, :prefill])
+    width = num_compressed_blocks(prefill, params.compress_block, params.compress_stride)
+    stale = torch.randn(2, width, heads, dim, generator=rng)
+    layer.start(torch.tensor(pads), stale, stale)
+    layer.update(keys[:, :, prefill:], keys[:, :, prefill:])
+    layer.extend_compressed(phi, phi, "triton")
+    got, _ = layer.compressed_kv()
+    for b, pad in enumerate(pads):
+        before = num_compressed_blocks(prefill - pad, params.compress_block, params.compress_stride)
+        after = num_compressed_blocks(prefill + 17 - pad, params.compress_block, params.compress_stride)
+        assert after - before >= 4
+        with torch.no_grad():
+            want = phi(keys[b : b + 1, :, pad:].transpose(1, 2))[0]
+        torch.testing.assert_close(got[b, before:after], want[before:after], rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[b, :before], stale[b, :before])
 
 
 def test_trimmed_timeline_keeps_what_the_next_step_needs(rng):
@@ -551,7 +583,8 @@ def test_gpu_fused_compression_matches_the_module(rng, dim, step):
     heads, pads, prefill = 4, [0, 7, 300, 1001], 4015  # with step 1, sequence 0 alone completes one
     layer = NSACacheLayer(heads, False, params)
     compress_k, _ = compressors(dim, params)
-    compress_k, reference_k = compress_k.cuda().bfloat16(), compress_k.cuda()
+    reference_k = copy.deepcopy(compress_k).cuda()
+    compress_k = compress_k.cuda().bfloat16()
     keys = torch.randn(len(pads), heads, prefill + step, dim, generator=rng).cuda().bfloat16()
     layer.update(keys[:, :, :prefill], keys[:, :, :prefill])
     width = num_compressed_blocks(prefill, params.compress_block, params.compress_stride)

@@ -16,10 +16,13 @@ import triton.language as tl
 
 ROWS = 16
 """(sequence, block, head) rows per program: the smallest tile the matrix units take."""
+TILE = 8192
+"""Elements of a weight tile (head dim × hidden units at a time): 16 KB in bf16, 32 KB in float32."""
 
 
 @triton.jit
 def _num_blocks(length, SPAN: tl.constexpr, STRIDE: tl.constexpr):
+    """`spec.num_compressed_blocks`: blocks complete in `length` tokens (0 below l, negative lengths too)."""
     return tl.where(length >= SPAN, (length - SPAN) // STRIDE + 1, 0)
 
 
@@ -31,42 +34,46 @@ def _compress_kernel(
     HEADS: tl.constexpr, MAX_NEW: tl.constexpr, SPAN: tl.constexpr, STRIDE: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, HIDDEN: tl.constexpr, BH: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Rows r = (b·MAX_NEW + j)·HEADS + h: candidate j of sequence b, the j-th last block it may complete."""
+    """Rows r = (b·MAX_NEW + j)·HEADS + h: candidate j of sequence b, the j-th last block it may complete.
+
+    The hidden layer goes BH units at a time (fc1's columns of those units for each token, then their
+    share of fc2), so the weight tiles a program holds stay small whatever the head and hidden sizes.
+    """
     r = tl.program_id(0) * BR + tl.arange(0, BR)
-    h = r % HEADS
+    h = (r % HEADS).to(tl.int64)
     j = r // HEADS % MAX_NEW
-    b = r // (HEADS * MAX_NEW)
+    b = (r // (HEADS * MAX_NEW)).to(tl.int64)
     pad = tl.load(PADS + b, mask=r < n_rows, other=0)
     length = end - pad
     block = _num_blocks(length, SPAN, STRIDE) - MAX_NEW + j
-    ok = (r < n_rows) & (block >= 0) & (block >= _num_blocks(length - n_new, SPAN, STRIDE))
-    start = tl.where(ok, pad + block * STRIDE - first, 0)
+    ok = (r < n_rows) & (block >= _num_blocks(length - n_new, SPAN, STRIDE))
+    start = tl.where(ok, pad + block * STRIDE - first, 0).to(tl.int64)
     d = tl.arange(0, BD)
     hid = tl.arange(0, BH)
-    x_at = X + b.to(tl.int64)[:, None] * sx_b + h[:, None] * sx_h + d[None, :]
+    x_at = X + b[:, None] * sx_b + h[:, None] * sx_h + d[None, :]
     x_ok = ok[:, None] & (d[None, :] < D)
-    w1_ok = (d[:, None] < D) & (hid[None, :] < HIDDEN)
-    total = tl.zeros([BR, BD], tl.float32)
-    acc = tl.zeros([BR, BH], tl.float32)
+    pos_at = POS + d
+    out = tl.zeros([BR, BD], tl.float32)
     for t in range(SPAN):
-        x = tl.load(x_at + (start + t).to(tl.int64)[:, None] * sx_t, mask=x_ok, other=0.0).to(tl.float32)
-        x += tl.load(POS + t * D + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
-        total += x
-        w1 = tl.load(W1 + hid[None, :] * sw1 + (t * D + d)[:, None], mask=w1_ok, other=0.0)
-        acc = tl.dot(x.to(w1.dtype), w1, acc, input_precision=PRECISION)
-    acc += tl.load(B1 + hid, mask=hid < HIDDEN, other=0.0).to(tl.float32)[None, :]
-    act = acc * tl.sigmoid(acc)
-    w2 = tl.load(
-        W2 + d[None, :] * sw2 + hid[:, None], mask=(hid[:, None] < HIDDEN) & (d[None, :] < D), other=0.0
-    )
-    out = tl.dot(act.to(w2.dtype), w2, input_precision=PRECISION)
-    out += tl.load(B2 + d, mask=d < D, other=0.0).to(tl.float32)[None, :] + total / SPAN
+        out += tl.load(x_at + (start + t)[:, None] * sx_t, mask=x_ok, other=0.0).to(tl.float32)
+        out += tl.load(pos_at + t * D, mask=d < D, other=0.0).to(tl.float32)[None, :]
+    out = out / SPAN + tl.load(B2 + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
+    for h0 in range(0, HIDDEN, BH):
+        unit = h0 + hid
+        w1_ok = (d[:, None] < D) & (unit[None, :] < HIDDEN)
+        acc = tl.zeros([BR, BH], tl.float32)
+        for t in range(SPAN):
+            x = tl.load(x_at + (start + t)[:, None] * sx_t, mask=x_ok, other=0.0).to(tl.float32)
+            x += tl.load(pos_at + t * D, mask=d < D, other=0.0).to(tl.float32)[None, :]
+            w1 = tl.load(W1 + unit[None, :] * sw1 + (t * D + d)[:, None], mask=w1_ok, other=0.0)
+            acc = tl.dot(x.to(w1.dtype), w1, acc, input_precision=PRECISION)
+        acc += tl.load(B1 + unit, mask=unit < HIDDEN, other=0.0).to(tl.float32)[None, :]
+        act = acc * tl.sigmoid(acc)
+        w2_ok = (unit[:, None] < HIDDEN) & (d[None, :] < D)
+        w2 = tl.load(W2 + d[None, :] * sw2 + unit[:, None], mask=w2_ok, other=0.0)
+        out = tl.dot(act.to(w2.dtype), w2, out, input_precision=PRECISION)
     tl.store(
-        OUT
-        + b.to(tl.int64)[:, None] * so_b
-        + h[:, None] * so_h
-        + block.to(tl.int64)[:, None] * so_t
-        + d[None, :],
+        OUT + b[:, None] * so_b + h[:, None] * so_h + block.to(tl.int64)[:, None] * so_t + d[None, :],
         out.to(OUT.dtype.element_ty),
         mask=x_ok,
     )
@@ -95,15 +102,19 @@ def compress_new_blocks(
     span, hidden = pos.shape[0], w1.shape[0]
     if x.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError("compress_new_blocks needs a unit stride in the last dimension")
+    shapes = (pos.shape, w1.shape[1], b1.shape, w2.shape, b2.shape, out.shape[-1])
+    if shapes != ((span, dim), span * dim, (hidden,), (dim, hidden), (dim,), dim):
+        raise ValueError(f"φ's weights do not fit blocks of {span} tokens of dimension {dim}: {shapes}")
     max_new = triton.cdiv(n_new, stride)
     rows = batch * max_new * heads
+    bd = max(16, triton.next_power_of_2(dim))
     _compress_kernel[(triton.cdiv(rows, ROWS),)](
         x, pos, w1, b1, w2, b2, out, pads,
         x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
         w1.stride(0), w2.stride(0),
         end, first, n_new, rows,
-        HEADS=heads, MAX_NEW=max_new, SPAN=span, STRIDE=stride, D=dim, BD=max(16, triton.next_power_of_2(dim)),
-        HIDDEN=hidden, BH=max(16, triton.next_power_of_2(hidden)), BR=ROWS,
+        HEADS=heads, MAX_NEW=max_new, SPAN=span, STRIDE=stride, D=dim, BD=bd, HIDDEN=hidden,
+        BH=max(16, min(triton.next_power_of_2(hidden), TILE // bd)), BR=ROWS,
         PRECISION="ieee" if w1.dtype == torch.float32 else "tf32",
         num_warps=4,
     )  # fmt: skip

@@ -210,13 +210,13 @@ class NSACacheLayer(DynamicLayer):
         if resolve_backend(backend, keys.device) == "triton":
             from nsa_convert.kernels.compress import compress_new_blocks
 
+            n_new, stride, first = (
+                self._slc.end - self.past_length,
+                self.params.compress_stride,
+                self._cmp.first,
+            )
             for x, phi, out in ((keys, compress_k, self._k_cmp), (values, compress_v, self._v_cmp)):
-                weights = (phi.pos, phi.fc1.weight, phi.fc1.bias, phi.fc2.weight, phi.fc2.bias)
-                n_new = self._slc.end - self.past_length
-                stride = self.params.compress_stride
-                compress_new_blocks(
-                    x, self._cmp.first, self._pads, self._slc.end, n_new, stride, weights, out
-                )
+                compress_new_blocks(x, first, self._pads, self._slc.end, n_new, stride, phi.weights(), out)
             return
         new = [(b, i) for b, (lo, hi) in enumerate(zip(before, after, strict=True)) for i in range(lo, hi)]
         length, stride = self.params.compress_block, self.params.compress_stride

@@ -63,6 +63,10 @@ class BlockCompressor(nn.Module):
         self.fc2.weight.normal_(0.0, 0.02)
         self.fc2.bias.copy_(-F.linear(F.silu(self.fc1.bias), self.fc2.weight))
 
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        """(pos, fc1 weight, fc1 bias, fc2 weight, fc2 bias): what `kernels.compress` computes φ from."""
+        return self.pos, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, H, D] → [B, Tc, H, D]."""
         return self._compress(gather_blocks(x, self.compress_block, self.compress_stride))
