@@ -14,16 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
+from nsa_convert.kernels.banded import n_visible
+
 ROWS = 16
 """(sequence, block, head) rows per program: the smallest tile the matrix units take."""
 TILE = 8192
 """Elements of a weight tile (head dim × hidden units at a time): 16 KB in bf16, 32 KB in float32."""
-
-
-@triton.jit
-def _num_blocks(length, SPAN: tl.constexpr, STRIDE: tl.constexpr):
-    """`spec.num_compressed_blocks`: blocks complete in `length` tokens (0 below l, negative lengths too)."""
-    return tl.where(length >= SPAN, (length - SPAN) // STRIDE + 1, 0)
 
 
 @triton.jit
@@ -45,8 +41,9 @@ def _compress_kernel(
     b = (r // (HEADS * MAX_NEW)).to(tl.int64)
     pad = tl.load(PADS + b, mask=r < n_rows, other=0)
     length = end - pad
-    block = _num_blocks(length, SPAN, STRIDE) - MAX_NEW + j
-    ok = (r < n_rows) & (block >= _num_blocks(length - n_new, SPAN, STRIDE))
+    # Blocks complete in L tokens: those the token at L − 1 sees.
+    block = n_visible(length - 1, STRIDE, SPAN) - MAX_NEW + j
+    ok = (r < n_rows) & (block >= n_visible(length - n_new - 1, STRIDE, SPAN))
     start = tl.where(ok, pad + block * STRIDE - first, 0).to(tl.int64)
     d = tl.arange(0, BD)
     hid = tl.arange(0, BH)

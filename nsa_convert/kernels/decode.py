@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nsa_convert.kernels.banded import n_visible
 from nsa_convert.spec import SparsityParams, num_compressed_blocks, num_selection_blocks
 
 LOG2E = 1.4426950408889634
@@ -80,12 +81,6 @@ def _band_weight(k, R: tl.constexpr, QC: tl.constexpr):
 def _home(j, RATIO: tl.constexpr, BLOCK: tl.constexpr):
     """The compressed tile holding block j's last term: its other terms lie there or in the tile before."""
     return (RATIO * (j + 1) - 1) // BLOCK
-
-
-@triton.jit
-def _nvis(t, CSTRIDE: tl.constexpr, CSPAN: tl.constexpr):
-    """Compressed blocks visible to the token at position t."""
-    return tl.where(t + 1 >= CSPAN, (t + 1 - CSPAN) // CSTRIDE + 1, 0)
 
 
 @triton.jit
@@ -168,7 +163,7 @@ def _cmp_window_kernel(
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BDV], tl.float32)
     if pid < n_split:
-        nvis = tl.minimum(tl.where(row_ok, _nvis(t, CSTRIDE, CSPAN), 0), tc_bound)
+        nvis = tl.minimum(tl.where(row_ok, n_visible(t, CSTRIDE, CSPAN), 0), tc_bound)
         lo = pid * split_len
         hi = tl.minimum(lo + split_len, tl.max(nvis, 0))
         k_base = KC + b64 * skc_b + h * skc_h
@@ -245,7 +240,7 @@ def _select_kernel(
     r = jq * GROUP + g
     m, l_sum = _merge_stats(PM + bh * n_split * ROWS, PL + bh * n_split * ROWS, 0, n_split, r, g_ok, CP, ROWS)
     lse2 = tl.where(l_sum > 0, m + tl.math.log2(tl.where(l_sum > 0, l_sum, 1.0)), float("inf"))
-    tiles = tl.cdiv(tl.minimum(_nvis(length - 1, CSTRIDE, CSPAN), tc_bound), BLOCK)
+    tiles = tl.cdiv(tl.minimum(n_visible(length - 1, CSTRIDE, CSPAN), tc_bound), BLOCK)
     cur = tl.where(t >= 0, t // SEL, -1)
     j = part * PB + tl.arange(0, PB)
     cand = j <= cur

@@ -207,19 +207,15 @@ class NSACacheLayer(DynamicLayer):
         self._reserve_compressed(max(after))
         assert self._k_cmp is not None and self._v_cmp is not None and self._pads is not None
         keys, values = self._cmp.view()
+        length, stride = self.params.compress_block, self.params.compress_stride
         if resolve_backend(backend, keys.device) == "triton":
             from nsa_convert.kernels.compress import compress_new_blocks
 
-            n_new, stride, first = (
-                self._slc.end - self.past_length,
-                self.params.compress_stride,
-                self._cmp.first,
-            )
+            n_new, first = self._slc.end - self.past_length, self._cmp.first
             for x, phi, out in ((keys, compress_k, self._k_cmp), (values, compress_v, self._v_cmp)):
                 compress_new_blocks(x, first, self._pads, self._slc.end, n_new, stride, phi.weights(), out)
             return
         new = [(b, i) for b, (lo, hi) in enumerate(zip(before, after, strict=True)) for i in range(lo, hi)]
-        length, stride = self.params.compress_block, self.params.compress_stride
         device = keys.device
         batch_index = torch.tensor([b for b, _ in new], device=device)
         block_index = torch.tensor([i for _, i in new], device=device)
