@@ -605,5 +605,6 @@ def test_gpu_fused_compression_matches_the_module(rng, dim, step):
             want = reference_k(own)[0, before:after]
         assert after > before or (step == 1 and b > 0)
         assert torch.equal(got[b, :before], stale[b, :before])
-        new = got[b, before:after].float()
-        assert ((new - want).norm() / want.norm()).item() < 1e-2
+        if after > before:
+            new = got[b, before:after].float()
+            assert ((new - want).norm() / want.norm()).item() < 1e-2
