@@ -20,6 +20,9 @@ many programs per (sequence, KV head), so that a single sequence fills the GPU t
 4. combine, one program per (sequence, KV head, new token, HEADS heads, slice of the value dimension):
    merges the three branches' partials, gates and adds them.
 
+On Hopper and later, launches 2–4 are programmatic dependent launches: their programs start while the
+previous launch drains, which hides most of the gap between launches (a step at batch 1 is a few dozen µs).
+
 Caches are right-aligned (row S − L_b + p of k/v is token p of sequence b); compressed keys start at 0 per
 sequence. Nothing here syncs with the host, so a decode step can be captured in a CUDA graph.
 """
@@ -68,6 +71,14 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     if not POISON:
         return torch.empty(*shape, dtype=dtype, device=device)
     return torch.full(shape, float("nan") if dtype.is_floating_point else -7777, dtype=dtype, device=device)
+
+
+@triton.jit
+def _wait_then_release():
+    """Programmatic dependent launch: wait until the previous launch has finished and its writes are
+    visible, then let the next launch's programs start (they wait likewise before reading anything)."""
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -139,9 +150,11 @@ def _cmp_window_kernel(
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, CSTRIDE: tl.constexpr, CSPAN: tl.constexpr,
     BLOCK: tl.constexpr, RATIO: tl.constexpr, QC: tl.constexpr, NW: tl.constexpr, NSEL: tl.constexpr,
     WINDOW: tl.constexpr, BWIN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
-    BDV: tl.constexpr,
+    BDV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (b·HKV + h, i): compressed slice i (i < n_split) or window tile i − n_split of one (b, h)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     bh = tl.program_id(0)
     pid = tl.program_id(1)
     b = bh // HKV
@@ -226,9 +239,11 @@ def _select_kernel(
     n_new, n_split, tc_bound,
     HKV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, CSTRIDE: tl.constexpr,
     CSPAN: tl.constexpr, SEL: tl.constexpr, BLOCK: tl.constexpr, RATIO: tl.constexpr, PB: tl.constexpr,
-    NPART: tl.constexpr, TOPNP: tl.constexpr, CP: tl.constexpr,
+    NPART: tl.constexpr, TOPNP: tl.constexpr, CP: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """The top TOPNP blocks, as sort keys, among blocks part·PB … of new token jq of one (b, KV head)."""
+    if PDL:
+        _wait_then_release()
     bh = tl.program_id(0)
     jq = tl.program_id(1)
     part = tl.program_id(2)
@@ -269,9 +284,11 @@ def _selected_kernel(
     n_new, n_chunks, rows_k, scale_log2,
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr,
     SLOTS: tl.constexpr, TOPN: tl.constexpr, NKEYS: tl.constexpr, NKEYSP: tl.constexpr, DK: tl.constexpr,
-    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Slots i·SLOTS … of one (b, KV head): those lowest of each new token's top-n blocks, and their partial."""
+    if PDL:
+        _wait_then_release()
     bh = tl.program_id(0)
     first = tl.program_id(1) * SLOTS
     b = bh // HKV
@@ -333,9 +350,11 @@ def _combine_kernel(
     n_split, n_chunks,
     HKV: tl.constexpr, GROUP: tl.constexpr, GH: tl.constexpr, ROWS: tl.constexpr, NSEL: tl.constexpr,
     CP0: tl.constexpr, CCH0: tl.constexpr, CP1: tl.constexpr, CCH1: tl.constexpr, CP2: tl.constexpr,
-    CCH2: tl.constexpr, DV: tl.constexpr, DVS: tl.constexpr, BDV: tl.constexpr,
+    CCH2: tl.constexpr, DV: tl.constexpr, DVS: tl.constexpr, BDV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """out[:, dv] = g_cmp·o_cmp + g_slc·o_slc + g_win·o_win for GH heads of new token jq of one (b, KV head)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     bh = tl.program_id(0)
     heads = tl.cdiv(GROUP, GH)
     jq = tl.program_id(1) // heads
@@ -381,6 +400,12 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _use_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch (Hopper and later): each launch after the first starts its programs
+    while the previous one drains, instead of after it (they wait for its results before reading them)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _chunk(partials: int, rows: int, width: int) -> int:
     """Partials per accumulator load: a power of two ≤ partials with rows × width × it ≤ TILE."""
     return max(1, min(partials, TILE // (rows * width)))
@@ -412,6 +437,7 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     n_sel = triton.cdiv(top_n, SLOTS)
     n_chunks = n_sel + n_win
     f32 = dict(dtype=torch.float32, device=device)
+    pdl = _use_pdl(device)
     pieces = [_empty(batch * hkv, rows_p, triton.cdiv(tiles * bc, ratio) + nw, **f32) for _ in range(2)]
     tile_max = _empty(batch * hkv, tiles, rows_p, **f32)
     pm, pl = (_empty(batch * hkv, n_split, rows_p, **f32) for _ in range(2))
@@ -429,7 +455,7 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         pieces[0].stride(0), pieces[0].stride(1), tile_max.stride(0), tile_max.stride(1),
         n, n_split, n_chunks, split_len, tc_bound, k_win.shape[1], scale_log2,
         HKV=hkv, GROUP=group, ROWS=rows_p, CSTRIDE=stride, CSPAN=length, BLOCK=bc, RATIO=ratio, QC=per_cmp,
-        NW=nw, NSEL=n_sel, WINDOW=params.window, BWIN=BW, DK=dk, DV=dv, BDK=bdk, BDV=bdv,
+        NW=nw, NSEL=n_sel, WINDOW=params.window, BWIN=BW, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
         num_warps=4,
     )  # fmt: skip
     blocks = max(1, num_selection_blocks(rows_k, block))
@@ -442,8 +468,8 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         pieces[0].stride(0), pieces[0].stride(1), tile_max.stride(0), tile_max.stride(1),
         n, n_split, tc_bound,
         HKV=hkv, GROUP=group, GP=gp, ROWS=rows_p, CSTRIDE=stride, CSPAN=length, SEL=block, BLOCK=bc,
-        RATIO=ratio, PB=part, NPART=parts, TOPNP=top_np, CP=triton.next_power_of_2(n_split),
-        num_warps=4,
+        RATIO=ratio, PB=part, NPART=parts, TOPNP=top_np, CP=triton.next_power_of_2(n_split), PDL=pdl,
+        num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
     indices = _empty(batch, n, hkv, top_n, dtype=torch.int64, device=device)
     _selected_kernel[(batch * hkv, n_sel)](
@@ -453,8 +479,8 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         n, n_chunks, rows_k, scale_log2,
         HKV=hkv, GROUP=group, ROWS=rows_p, SEL=block, BS=max(16, triton.next_power_of_2(block)), SLOTS=SLOTS,
         TOPN=top_n, NKEYS=parts * top_np, NKEYSP=triton.next_power_of_2(parts * top_np), DK=dk, DV=dv, BDK=bdk,
-        BDV=bdv,
-        num_warps=4,
+        BDV=bdv, PDL=pdl,
+        num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
     out = _empty(batch, n, hq, dv, dtype=q.dtype, device=device)
     lse = _empty(batch, n, hq, 3, **f32)
@@ -468,8 +494,8 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         n_split, n_chunks,
         HKV=hkv, GROUP=group, GH=gh, ROWS=rows_p, NSEL=n_sel,
         CP0=cps[0], CCH0=_chunk(cps[0], gh, dvs), CP1=cps[1], CCH1=_chunk(cps[1], gh, dvs), CP2=cps[2],
-        CCH2=_chunk(cps[2], gh, dvs), DV=dv, DVS=dvs, BDV=bdv,
-        num_warps=1,  # its tiles are HEADS × DV_SLICE: one warp's worth
+        CCH2=_chunk(cps[2], gh, dvs), DV=dv, DVS=dvs, BDV=bdv, PDL=pdl,
+        num_warps=1, launch_pdl=pdl,  # its tiles are HEADS × DV_SLICE: one warp's worth
     )  # fmt: skip
     return out, lse, indices
 
