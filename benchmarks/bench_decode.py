@@ -110,7 +110,9 @@ def kernel_us(calls, rounds: int = 5) -> dict[str, float]:
     return {e.key: e.device_time_total / per_call for e in prof.key_averages() if e.device_time_total > 0}
 
 
-def bench_one(name: str, batch: int, seq_len: int, breakdown: bool = False) -> dict:
+def decode_inputs(name: str, batch: int, seq_len: int) -> list[tuple[torch.Tensor, ...]]:
+    """Copies of one step's inputs (q, k, v, k_cmp, v_cmp [B, Hkv, T, D], gates, lens), enough of them
+    that rotating over them touches ROTATE_BYTES of cache."""
     hq, hkv, dim = CONFIGS[name]
     dense_bytes = batch * hkv * seq_len * 2 * dim * DTYPE.itemsize
     copies = max(1, min(8, math.ceil(ROTATE_BYTES / dense_bytes)))
@@ -123,6 +125,14 @@ def bench_one(name: str, batch: int, seq_len: int, breakdown: bool = False) -> d
         gates = torch.rand(batch, 1, hq, 3, device="cuda", dtype=DTYPE)
         lens = torch.full((batch,), seq_len, dtype=torch.int32, device="cuda")
         sets.append((q, *kv, *compressed, gates, lens))
+    return sets
+
+
+def bench_one(name: str, batch: int, seq_len: int, breakdown: bool = False) -> dict:
+    _, hkv, dim = CONFIGS[name]
+    dense_bytes = batch * hkv * seq_len * 2 * dim * DTYPE.itemsize
+    sets = decode_inputs(name, batch, seq_len)
+    copies = len(sets)
 
     def nsa_call(q, k, v, k_cmp, v_cmp, gates, lens):
         views = tuple(x.transpose(1, 2) for x in (k, v, k_cmp, v_cmp))
