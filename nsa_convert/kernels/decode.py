@@ -63,6 +63,10 @@ MAX_SPLITS = 64
 """Most programs the compressed keys of one (sequence, KV head) are split over."""
 WAVES = 2
 """Compressed programs aimed at per multiprocessor: fewer splits mean fewer partials to merge."""
+COMBINE_IN_SLOTS = False
+"""The last slot program of each (sequence, KV head) to finish does the combine itself, and the fourth launch
+goes away. Off until a GPU A/B (`benchmarks/sweep_decode.py --variants "" COMBINE_IN_SLOTS=1`) shows that
+it pays."""
 POISON = False
 """Tests set this to fill every buffer the kernels must write with NaN (or −7777 for indices) first."""
 
@@ -142,21 +146,63 @@ def _merge_branch(PM, PL, PA, first, count, r, r_ok, dv, CP: tl.constexpr, CCH: 
 
 
 @triton.jit
+def _combine_rows(
+    PM, PL, PA, PM2, PL2, PA2, GATE, OUT, LSE, bh, b, jq, hq, r, r_ok, dv, write_lse,
+    sg_b, sg_t, sg_h, so_b, so_t, so_h, sl_b, sl_t, sl_h, n_split, n_chunks,
+    NSEL: tl.constexpr, CP0: tl.constexpr, CCH0: tl.constexpr, CP1: tl.constexpr, CCH1: tl.constexpr,
+    CP2: tl.constexpr, CCH2: tl.constexpr, RP: tl.constexpr, DVS: tl.constexpr, ROWS: tl.constexpr,
+    BDV: tl.constexpr, DV: tl.constexpr,
+):  # fmt: skip
+    """out[row, dv] = Σ gate·o over the three branches' merged partials, for RP rows (new token jq, query
+    head hq, partial row r each) of one (b, KV head); lse too when write_lse."""
+    out = tl.zeros([RP, DVS], tl.float32)
+    for branch in tl.static_range(3):
+        if branch == 0:
+            m, l_sum, acc = _merge_branch(
+                PM, PL, PA, bh * n_split, n_split, r, r_ok, dv, CP0, CCH0, RP, DVS, ROWS, BDV
+            )
+        elif branch == 1:
+            m, l_sum, acc = _merge_branch(
+                PM2, PL2, PA2, bh * n_chunks, NSEL, r, r_ok, dv, CP1, CCH1, RP, DVS, ROWS, BDV
+            )
+        else:
+            m, l_sum, acc = _merge_branch(
+                PM2, PL2, PA2, bh * n_chunks + NSEL, n_chunks - NSEL, r, r_ok, dv, CP2, CCH2, RP, DVS, ROWS,
+                BDV,
+            )  # fmt: skip
+        nonempty = l_sum > 0
+        l_safe = tl.where(nonempty, l_sum, 1.0)
+        gate = tl.load(GATE + b * sg_b + jq * sg_t + hq * sg_h + branch, mask=r_ok, other=0.0).to(tl.float32)
+        out += acc * (gate / l_safe)[:, None]
+        lse = tl.where(nonempty, (m + tl.math.log2(l_safe)) * LN2, float("-inf"))
+        if write_lse:
+            tl.store(LSE + b * sl_b + jq * sl_t + hq * sl_h + branch, lse, mask=r_ok)
+    row = b * so_b + jq * so_t + hq * so_h
+    tl.store(
+        OUT + row[:, None] + dv[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=r_ok[:, None] & (dv[None, :] < DV),
+    )
+
+
+@triton.jit
 def _cmp_window_kernel(
-    Q, KC, VC, KW, VW, LENS, U, USP, MT, PM, PL, PA, PM2, PL2, PA2,
+    Q, KC, VC, KW, VW, LENS, U, USP, MT, PM, PL, PA, PM2, PL2, PA2, COUNT,
     sq_b, sq_t, sq_h, skc_b, skc_t, skc_h, svc_b, svc_t, svc_h, skw_b, skw_t, skw_h, svw_b, svw_t, svw_h,
     su_bh, su_r, smt_bh, smt_t,
     n_new, n_split, n_chunks, split_len, tc_bound, rows_w, scale_log2,
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, CSTRIDE: tl.constexpr, CSPAN: tl.constexpr,
     BLOCK: tl.constexpr, RATIO: tl.constexpr, QC: tl.constexpr, NW: tl.constexpr, NSEL: tl.constexpr,
     WINDOW: tl.constexpr, BWIN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
-    BDV: tl.constexpr, PDL: tl.constexpr,
+    BDV: tl.constexpr, PDL: tl.constexpr, FUSE: tl.constexpr,
 ):  # fmt: skip
     """Program (b·HKV + h, i): compressed slice i (i < n_split) or window tile i − n_split of one (b, h)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     bh = tl.program_id(0)
     pid = tl.program_id(1)
+    if FUSE:  # the slot programs (launch 3, after this one) count themselves in COUNT
+        tl.store(COUNT + bh, 0, mask=pid == 0)
     b = bh // HKV
     h = bh % HKV
     length = tl.load(LENS + b)
@@ -279,14 +325,20 @@ def _select_kernel(
 
 @triton.jit
 def _selected_kernel(
-    Q, K, V, KEYS, LENS, IDX, PM2, PL2, PA2,
+    Q, K, V, KEYS, LENS, IDX, PM2, PL2, PA2, PM, PL, PA, GATE, OUT, LSE, COUNT,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, si_b, si_t, si_h,
-    n_new, n_chunks, rows_k, scale_log2,
+    sg_b, sg_t, sg_h, so_b, so_t, so_h, sl_b, sl_t, sl_h,
+    n_new, n_split, n_chunks, rows_k, scale_log2,
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr,
     SLOTS: tl.constexpr, TOPN: tl.constexpr, NKEYS: tl.constexpr, NKEYSP: tl.constexpr, DK: tl.constexpr,
-    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, PDL: tl.constexpr,
+    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, PDL: tl.constexpr, FUSE: tl.constexpr,
+    NSEL: tl.constexpr, CP0: tl.constexpr, CCH0: tl.constexpr, CP1: tl.constexpr, CCH1: tl.constexpr,
+    CP2: tl.constexpr, CCH2: tl.constexpr,
 ):  # fmt: skip
-    """Slots i·SLOTS … of one (b, KV head): those lowest of each new token's top-n blocks, and their partial."""
+    """Slots i·SLOTS … of one (b, KV head): those lowest of each new token's top-n blocks, and their partial.
+
+    With FUSE, the last of the NSEL slot programs of (b, KV head) to finish combines all rows (as
+    `_combine_kernel` does): each counts itself in COUNT after its partial is stored."""
     if PDL:
         _wait_then_release()
     bh = tl.program_id(0)
@@ -341,6 +393,15 @@ def _selected_kernel(
         s = tl.where((row_ok & (jr == jq))[:, None] & p_ok[None, :], s, float("-inf"))
         m_i, l_i, acc, _ = _online(m_i, l_i, acc, s, vv)
     _store_partial(PM2, PL2, PA2, bh * n_chunks + tl.program_id(1), r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
+    if FUSE:
+        tl.debug_barrier()  # every thread's partial stored before the count (a release) says so
+        if tl.atomic_add(COUNT + bh, 1, sem="acq_rel") == NSEL - 1:
+            tl.debug_barrier()
+            _combine_rows(
+                PM, PL, PA, PM2, PL2, PA2, GATE, OUT, LSE, bh, b, jr, h * GROUP + r % GROUP, r, row_ok, dv, True,
+                sg_b, sg_t, sg_h, so_b, so_t, so_h, sl_b, sl_t, sl_h, n_split, n_chunks,
+                NSEL, CP0, CCH0, CP1, CCH1, CP2, CCH2, ROWS, BDV, ROWS, BDV, DV,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -365,33 +426,11 @@ def _combine_kernel(
     g_ok = g < GROUP
     r = jq * GROUP + g
     hq = h * GROUP + g
-    out = tl.zeros([GH, DVS], tl.float32)
-    for branch in tl.static_range(3):
-        if branch == 0:
-            m, l_sum, acc = _merge_branch(
-                PM, PL, PA, bh * n_split, n_split, r, g_ok, dv, CP0, CCH0, GH, DVS, ROWS, BDV
-            )
-        elif branch == 1:
-            m, l_sum, acc = _merge_branch(
-                PM2, PL2, PA2, bh * n_chunks, NSEL, r, g_ok, dv, CP1, CCH1, GH, DVS, ROWS, BDV
-            )
-        else:
-            m, l_sum, acc = _merge_branch(
-                PM2, PL2, PA2, bh * n_chunks + NSEL, n_chunks - NSEL, r, g_ok, dv, CP2, CCH2, GH, DVS, ROWS,
-                BDV,
-            )  # fmt: skip
-        nonempty = l_sum > 0
-        l_safe = tl.where(nonempty, l_sum, 1.0)
-        gate = tl.load(GATE + b * sg_b + jq * sg_t + hq * sg_h + branch, mask=g_ok, other=0.0).to(tl.float32)
-        out += acc * (gate / l_safe)[:, None]
-        lse = tl.where(nonempty, (m + tl.math.log2(l_safe)) * LN2, float("-inf"))
-        if tl.program_id(2) == 0:
-            tl.store(LSE + b * sl_b + jq * sl_t + hq * sl_h + branch, lse, mask=g_ok)
-    tl.store(
-        OUT + b * so_b + jq * so_t + hq[:, None] * so_h + dv[None, :],
-        out.to(OUT.dtype.element_ty),
-        mask=g_ok[:, None] & (dv[None, :] < DV),
-    )
+    _combine_rows(
+        PM, PL, PA, PM2, PL2, PA2, GATE, OUT, LSE, bh, b, jq + 0 * g, hq, r, g_ok, dv, tl.program_id(2) == 0,
+        sg_b, sg_t, sg_h, so_b, so_t, so_h, sl_b, sl_t, sl_h, n_split, n_chunks,
+        NSEL, CP0, CCH0, CP1, CCH1, CP2, CCH2, GH, DVS, ROWS, BDV, DV,
+    )  # fmt: skip
 
 
 def _sm_count(device: torch.device) -> int:
@@ -438,6 +477,7 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     n_chunks = n_sel + n_win
     f32 = dict(dtype=torch.float32, device=device)
     pdl = _use_pdl(device)
+    fuse = bool(COMBINE_IN_SLOTS)
     pieces = [_empty(batch * hkv, rows_p, triton.cdiv(tiles * bc, ratio) + nw, **f32) for _ in range(2)]
     tile_max = _empty(batch * hkv, tiles, rows_p, **f32)
     pm, pl = (_empty(batch * hkv, n_split, rows_p, **f32) for _ in range(2))
@@ -447,15 +487,16 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     k_win = k if k_win is None else k_win
     v_win = v if v_win is None else v_win
     scale_log2 = params.scale * LOG2E
+    counts = torch.empty(batch * hkv, dtype=torch.int32, device=device)
     _cmp_window_kernel[(batch * hkv, n_split + n_win)](
-        q, k_cmp, v_cmp, k_win, v_win, lens, *pieces, tile_max, pm, pl, pa, pm2, pl2, pa2,
+        q, k_cmp, v_cmp, k_win, v_win, lens, *pieces, tile_max, pm, pl, pa, pm2, pl2, pa2, counts,
         q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
         v_cmp.stride(0), v_cmp.stride(1), v_cmp.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
         v_win.stride(0), v_win.stride(1), v_win.stride(2),
         pieces[0].stride(0), pieces[0].stride(1), tile_max.stride(0), tile_max.stride(1),
         n, n_split, n_chunks, split_len, tc_bound, k_win.shape[1], scale_log2,
         HKV=hkv, GROUP=group, ROWS=rows_p, CSTRIDE=stride, CSPAN=length, BLOCK=bc, RATIO=ratio, QC=per_cmp,
-        NW=nw, NSEL=n_sel, WINDOW=params.window, BWIN=BW, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
+        NW=nw, NSEL=n_sel, WINDOW=params.window, BWIN=BW, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl, FUSE=fuse,
         num_warps=4,
     )  # fmt: skip
     blocks = max(1, num_selection_blocks(rows_k, block))
@@ -472,21 +513,27 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
     indices = _empty(batch, n, hkv, top_n, dtype=torch.int64, device=device)
-    _selected_kernel[(batch * hkv, n_sel)](
-        q, k, v, keys, lens, indices, pm2, pl2, pa2,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), indices.stride(0), indices.stride(1), indices.stride(2),
-        n, n_chunks, rows_k, scale_log2,
-        HKV=hkv, GROUP=group, ROWS=rows_p, SEL=block, BS=max(16, triton.next_power_of_2(block)), SLOTS=SLOTS,
-        TOPN=top_n, NKEYS=parts * top_np, NKEYSP=triton.next_power_of_2(parts * top_np), DK=dk, DV=dv, BDK=bdk,
-        BDV=bdv, PDL=pdl,
-        num_warps=4, launch_pdl=pdl,
-    )  # fmt: skip
     out = _empty(batch, n, hq, dv, dtype=q.dtype, device=device)
     lse = _empty(batch, n, hq, 3, **f32)
+    cps = [triton.next_power_of_2(count) for count in (n_split, n_sel, n_win)]
+    _selected_kernel[(batch * hkv, n_sel)](
+        q, k, v, keys, lens, indices, pm2, pl2, pa2, pm, pl, pa, gates, out, lse, counts,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), indices.stride(0), indices.stride(1), indices.stride(2),
+        gates.stride(0), gates.stride(1), gates.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        n, n_split, n_chunks, rows_k, scale_log2,
+        HKV=hkv, GROUP=group, ROWS=rows_p, SEL=block, BS=max(16, triton.next_power_of_2(block)), SLOTS=SLOTS,
+        TOPN=top_n, NKEYS=parts * top_np, NKEYSP=triton.next_power_of_2(parts * top_np), DK=dk, DV=dv, BDK=bdk,
+        BDV=bdv, PDL=pdl, FUSE=fuse, NSEL=n_sel,
+        CP0=cps[0], CCH0=_chunk(cps[0], rows_p, bdv), CP1=cps[1], CCH1=_chunk(cps[1], rows_p, bdv), CP2=cps[2],
+        CCH2=_chunk(cps[2], rows_p, bdv),
+        num_warps=4, launch_pdl=pdl,
+    )  # fmt: skip
+    if fuse:
+        return out, lse, indices
     dvs = min(DV_SLICE, bdv)
     gh = min(HEADS, gp)
-    cps = [triton.next_power_of_2(count) for count in (n_split, n_sel, n_win)]
     _combine_kernel[(batch * hkv, n * triton.cdiv(group, gh), triton.cdiv(dv, dvs))](
         pm, pl, pa, pm2, pl2, pa2, gates, out, lse,
         gates.stride(0), gates.stride(1), gates.stride(2), out.stride(0), out.stride(1), out.stride(2),
