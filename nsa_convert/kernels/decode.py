@@ -18,7 +18,8 @@ many programs per (sequence, KV head), so that a single sequence fills the GPU t
    top n (exact: each part kept its own top n), takes its slots' blocks in ascending order and attends to
    them as one gathered tile;
 4. combine, one program per (sequence, KV head, new token, HEADS heads, slice of the value dimension):
-   merges the three branches' partials, gates and adds them.
+   merges the three branches' partials, gates and adds them. With `COMBINE_IN_SLOTS`, the last slot
+   program of each (sequence, KV head) to finish does this instead, and there are three launches.
 
 On Hopper and later, launches 2–4 are programmatic dependent launches: their programs start while the
 previous launch drains, which hides most of the gap between launches (a step at batch 1 is a few dozen µs).
