@@ -488,7 +488,8 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     k_win = k if k_win is None else k_win
     v_win = v if v_win is None else v_win
     scale_log2 = params.scale * LOG2E
-    counts = _empty(batch * hkv, dtype=torch.int32, device=device)
+    # Slot-program counters for the fused combine; without it the kernels never touch them (any int32 will do).
+    counts = _empty(batch * hkv, dtype=torch.int32, device=device) if fuse else lens
     _cmp_window_kernel[(batch * hkv, n_split + n_win)](
         q, k_cmp, v_cmp, k_win, v_win, lens, *pieces, tile_max, pm, pl, pa, pm2, pl2, pa2, counts,
         q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
