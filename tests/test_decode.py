@@ -222,11 +222,9 @@ KERNEL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("combine_in_slots", [False, True])
 @pytest.mark.parametrize(("q_heads", "kv_heads", "lengths", "n"), KERNEL_CASES)
-def test_kernels_match_reference(rng, monkeypatch, q_heads, kv_heads, lengths, n, combine_in_slots):
+def test_kernels_match_reference(rng, monkeypatch, q_heads, kv_heads, lengths, n):
     monkeypatch.setattr(kernels, "POISON", True)
-    monkeypatch.setattr(kernels, "COMBINE_IN_SLOTS", combine_in_slots)
     params = SparsityParams(**GEOMETRY).resolved(16)
     separate = q_heads == 7
     sequences = [sequence(rng, t, q_heads, kv_heads, 16, torch.float32, windows=separate) for t in lengths]
@@ -252,11 +250,9 @@ def test_kernels_match_reference(rng, monkeypatch, q_heads, kv_heads, lengths, n
         dict(block_size=8, top_n=3, window=16, compress_block=16, compress_stride=4),  # span 2 blocks back
     ],
 )
-@pytest.mark.parametrize("combine_in_slots", [False, True])
-def test_kernels_with_small_tiles_match_reference(rng, monkeypatch, geometry, combine_in_slots):
+def test_kernels_with_small_tiles_match_reference(rng, monkeypatch, geometry):
     """Tiles shrunk so that a few hundred tokens cross compressed tiles, splits and ranked parts."""
     monkeypatch.setattr(kernels, "POISON", True)
-    monkeypatch.setattr(kernels, "COMBINE_IN_SLOTS", combine_in_slots)
     monkeypatch.setattr(kernels, "BC", 16)
     monkeypatch.setattr(kernels, "PART", 16)
     monkeypatch.setattr(kernels, "MAX_PARTS", 4)
@@ -477,19 +473,17 @@ GPU_CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("combine_in_slots", [False, True])
 @pytest.mark.parametrize(("q_heads", "kv_heads", "dim", "dtype", "n"), GPU_CASES)
-def test_gpu_kernels_match_reference(rng, monkeypatch, q_heads, kv_heads, dim, dtype, n, combine_in_slots):
+def test_gpu_kernels_match_reference(rng, monkeypatch, q_heads, kv_heads, dim, dtype, n):
     """Default geometry, three sequences of different lengths: the reference for the kernel's own selection,
     and that selection is the top-n of the float64 importance up to rounding."""
     monkeypatch.setattr(kernels, "POISON", True)
-    monkeypatch.setattr(kernels, "COMBINE_IN_SLOTS", combine_in_slots)
     params = SparsityParams().resolved(dim)
     sequences = [sequence(rng, t, q_heads, kv_heads, dim, dtype, params=params) for t in (3001, 2048, 700)]
     inputs = {k: v.cuda() for k, v in batch_cache(rng, sequences, n, params).items()}
     out, lse, indices = kernels.nsa_decode(*decode_args(inputs), params)
     assert torch.isfinite(out).all() and out.dtype == dtype
-    # Whichever program finishes last, the merge order is fixed: a rerun is bitwise the same.
+    # No atomics: a rerun is bitwise the same.
     assert all(torch.equal(out, kernels.nsa_decode(*decode_args(inputs), params)[0]) for _ in range(3))
     upcast = [x.float() if x.is_floating_point() else x for x in decode_args(inputs)]
     expected, expected_lse, _ = reference.nsa_decode(*upcast, params, indices=indices)
@@ -561,11 +555,8 @@ def test_gpu_decode_step_equals_the_training_kernels(rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("combine_in_slots", [False, True])
-def test_gpu_decode_step_captures_in_a_cuda_graph(rng, monkeypatch, combine_in_slots):
-    """No host sync: one decode step records into a CUDA graph and replays on new inputs (with the combine
-    in the slot programs, their counters are reset by each replay)."""
-    monkeypatch.setattr(kernels, "COMBINE_IN_SLOTS", combine_in_slots)
+def test_gpu_decode_step_captures_in_a_cuda_graph(rng):
+    """No host sync: one decode step records into a CUDA graph and replays on new inputs."""
     params = SparsityParams().resolved(128)
     sequences = [sequence(rng, t, 32, 8, 128, torch.bfloat16, params=params) for t in (1500, 1200)]
     static = {k: v.cuda() for k, v in batch_cache(rng, sequences, 1, params).items()}

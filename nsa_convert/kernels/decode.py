@@ -18,8 +18,7 @@ many programs per (sequence, KV head), so that a single sequence fills the GPU t
    top n (exact: each part kept its own top n), takes its slots' blocks in ascending order and attends to
    them as one gathered tile;
 4. combine, one program per (sequence, KV head, new token, HEADS heads, slice of the value dimension):
-   merges the three branches' partials, gates and adds them. With `COMBINE_IN_SLOTS`, the last slot
-   program of each (sequence, KV head) to finish does this instead, and there are three launches.
+   merges the three branches' partials, gates and adds them.
 
 On Hopper and later, launches 2–4 are programmatic dependent launches: their programs start while the
 previous launch drains, which hides most of the gap between launches (a step at batch 1 is a few dozen µs).
@@ -64,10 +63,6 @@ MAX_SPLITS = 64
 """Most programs the compressed keys of one (sequence, KV head) are split over."""
 WAVES = 2
 """Compressed programs aimed at per multiprocessor: fewer splits mean fewer partials to merge."""
-COMBINE_IN_SLOTS = False
-"""The last slot program of each (sequence, KV head) to finish does the combine itself, and the fourth launch
-goes away. Off until a GPU A/B (`benchmarks/sweep_decode.py --variants "" COMBINE_IN_SLOTS=1`) shows that
-it pays."""
 POISON = False
 """Tests set this to fill every buffer the kernels must write with NaN (or −7777 for indices) first."""
 
@@ -188,22 +183,20 @@ def _combine_rows(
 
 @triton.jit
 def _cmp_window_kernel(
-    Q, KC, VC, KW, VW, LENS, U, USP, MT, PM, PL, PA, PM2, PL2, PA2, COUNT,
+    Q, KC, VC, KW, VW, LENS, U, USP, MT, PM, PL, PA, PM2, PL2, PA2,
     sq_b, sq_t, sq_h, skc_b, skc_t, skc_h, svc_b, svc_t, svc_h, skw_b, skw_t, skw_h, svw_b, svw_t, svw_h,
     su_bh, su_r, smt_bh, smt_t,
     n_new, n_split, n_chunks, split_len, tc_bound, rows_w, scale_log2,
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, CSTRIDE: tl.constexpr, CSPAN: tl.constexpr,
     BLOCK: tl.constexpr, RATIO: tl.constexpr, QC: tl.constexpr, NW: tl.constexpr, NSEL: tl.constexpr,
     WINDOW: tl.constexpr, BWIN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
-    BDV: tl.constexpr, PDL: tl.constexpr, FUSE: tl.constexpr,
+    BDV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (b·HKV + h, i): compressed slice i (i < n_split) or window tile i − n_split of one (b, h)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     bh = tl.program_id(0)
     pid = tl.program_id(1)
-    if FUSE:  # the slot programs (launch 3, after this one) count themselves in COUNT
-        tl.store(COUNT + bh, 0, mask=pid == 0)
     b = bh // HKV
     h = bh % HKV
     length = tl.load(LENS + b)
@@ -326,20 +319,14 @@ def _select_kernel(
 
 @triton.jit
 def _selected_kernel(
-    Q, K, V, KEYS, LENS, IDX, PM2, PL2, PA2, PM, PL, PA, GATE, OUT, LSE, COUNT,
+    Q, K, V, KEYS, LENS, IDX, PM2, PL2, PA2,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, si_b, si_t, si_h,
-    sg_b, sg_t, sg_h, so_b, so_t, so_h, sl_b, sl_t, sl_h,
-    n_new, n_split, n_chunks, rows_k, scale_log2,
+    n_new, n_chunks, rows_k, scale_log2,
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr,
     SLOTS: tl.constexpr, TOPN: tl.constexpr, NKEYS: tl.constexpr, NKEYSP: tl.constexpr, DK: tl.constexpr,
-    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, PDL: tl.constexpr, FUSE: tl.constexpr,
-    NSEL: tl.constexpr, CP0: tl.constexpr, CCH0: tl.constexpr, CP1: tl.constexpr, CCH1: tl.constexpr,
-    CP2: tl.constexpr, CCH2: tl.constexpr,
+    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """Slots i·SLOTS … of one (b, KV head): those lowest of each new token's top-n blocks, and their partial.
-
-    With FUSE, the last of the NSEL slot programs of (b, KV head) to finish combines all rows (as
-    `_combine_kernel` does): each counts itself in COUNT after its partial is stored."""
+    """Slots i·SLOTS … of one (b, KV head): those lowest of each new token's top-n blocks, and their partial."""
     if PDL:
         _wait_then_release()
     bh = tl.program_id(0)
@@ -394,15 +381,6 @@ def _selected_kernel(
         s = tl.where((row_ok & (jr == jq))[:, None] & p_ok[None, :], s, float("-inf"))
         m_i, l_i, acc, _ = _online(m_i, l_i, acc, s, vv)
     _store_partial(PM2, PL2, PA2, bh * n_chunks + tl.program_id(1), r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
-    if FUSE:
-        tl.debug_barrier()  # every thread's partial stored before the count (a release) says so
-        if tl.atomic_add(COUNT + bh, 1, sem="acq_rel") == NSEL - 1:
-            tl.debug_barrier()
-            _combine_rows(
-                PM, PL, PA, PM2, PL2, PA2, GATE, OUT, LSE, bh, b, jr, h * GROUP + r % GROUP, r, row_ok, dv, True,
-                sg_b, sg_t, sg_h, so_b, so_t, so_h, sl_b, sl_t, sl_h, n_split, n_chunks,
-                NSEL, CP0, CCH0, CP1, CCH1, CP2, CCH2, ROWS, BDV, ROWS, BDV, DV,
-            )  # fmt: skip
 
 
 @triton.jit
@@ -478,7 +456,6 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     n_chunks = n_sel + n_win
     f32 = dict(dtype=torch.float32, device=device)
     pdl = _use_pdl(device)
-    fuse = bool(COMBINE_IN_SLOTS)
     pieces = [_empty(batch * hkv, rows_p, triton.cdiv(tiles * bc, ratio) + nw, **f32) for _ in range(2)]
     tile_max = _empty(batch * hkv, tiles, rows_p, **f32)
     pm, pl = (_empty(batch * hkv, n_split, rows_p, **f32) for _ in range(2))
@@ -488,17 +465,15 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     k_win = k if k_win is None else k_win
     v_win = v if v_win is None else v_win
     scale_log2 = params.scale * LOG2E
-    # Slot-program counters for the fused combine; without it the kernels never touch them (any int32 will do).
-    counts = _empty(batch * hkv, dtype=torch.int32, device=device) if fuse else lens
     _cmp_window_kernel[(batch * hkv, n_split + n_win)](
-        q, k_cmp, v_cmp, k_win, v_win, lens, *pieces, tile_max, pm, pl, pa, pm2, pl2, pa2, counts,
+        q, k_cmp, v_cmp, k_win, v_win, lens, *pieces, tile_max, pm, pl, pa, pm2, pl2, pa2,
         q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
         v_cmp.stride(0), v_cmp.stride(1), v_cmp.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
         v_win.stride(0), v_win.stride(1), v_win.stride(2),
         pieces[0].stride(0), pieces[0].stride(1), tile_max.stride(0), tile_max.stride(1),
         n, n_split, n_chunks, split_len, tc_bound, k_win.shape[1], scale_log2,
         HKV=hkv, GROUP=group, ROWS=rows_p, CSTRIDE=stride, CSPAN=length, BLOCK=bc, RATIO=ratio, QC=per_cmp,
-        NW=nw, NSEL=n_sel, WINDOW=params.window, BWIN=BW, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl, FUSE=fuse,
+        NW=nw, NSEL=n_sel, WINDOW=params.window, BWIN=BW, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
         num_warps=4,
     )  # fmt: skip
     blocks = max(1, num_selection_blocks(rows_k, block))
@@ -519,21 +494,15 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     lse = _empty(batch, n, hq, 3, **f32)
     cps = [triton.next_power_of_2(count) for count in (n_split, n_sel, n_win)]
     _selected_kernel[(batch * hkv, n_sel)](
-        q, k, v, keys, lens, indices, pm2, pl2, pa2, pm, pl, pa, gates, out, lse, counts,
+        q, k, v, keys, lens, indices, pm2, pl2, pa2,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), indices.stride(0), indices.stride(1), indices.stride(2),
-        gates.stride(0), gates.stride(1), gates.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1), lse.stride(2),
-        n, n_split, n_chunks, rows_k, scale_log2,
+        n, n_chunks, rows_k, scale_log2,
         HKV=hkv, GROUP=group, ROWS=rows_p, SEL=block, BS=max(16, triton.next_power_of_2(block)), SLOTS=SLOTS,
         TOPN=top_n, NKEYS=parts * top_np, NKEYSP=triton.next_power_of_2(parts * top_np), DK=dk, DV=dv, BDK=bdk,
-        BDV=bdv, PDL=pdl, FUSE=fuse, NSEL=n_sel,
-        CP0=cps[0], CCH0=_chunk(cps[0], rows_p, bdv), CP1=cps[1], CCH1=_chunk(cps[1], rows_p, bdv), CP2=cps[2],
-        CCH2=_chunk(cps[2], rows_p, bdv),
+        BDV=bdv, PDL=pdl,
         num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
-    if fuse:
-        return out, lse, indices
     dvs = min(DV_SLICE, bdv)
     gh = min(HEADS, gp)
     _combine_kernel[(batch * hkv, n * triton.cdiv(group, gh), triton.cdiv(dv, dvs))](
