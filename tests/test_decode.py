@@ -252,13 +252,23 @@ def test_kernels_match_reference(rng, monkeypatch, q_heads, kv_heads, lengths, n
 )
 def test_kernels_with_small_tiles_match_reference(rng, monkeypatch, geometry):
     """Tiles shrunk so that a few hundred tokens cross compressed tiles, splits and ranked parts."""
+    _check_small_tiles(rng, monkeypatch, geometry, 4, 1, (290, 163, 40), 2)
+
+
+def test_kernels_with_small_tiles_and_chunks_match_reference(rng, monkeypatch):
+    """Several ranked parts, merged by their last program, in each of two chunks of new tokens (G = 16)."""
+    geometry = dict(block_size=12, top_n=5, window=20, compress_block=12, compress_stride=4)
+    _check_small_tiles(rng, monkeypatch, geometry, 32, 2, (290, 163), 5)
+
+
+def _check_small_tiles(rng, monkeypatch, geometry, q_heads, kv_heads, lengths, n):
     monkeypatch.setattr(kernels, "POISON", True)
     monkeypatch.setattr(kernels, "BC", 16)
     monkeypatch.setattr(kernels, "PART", 16)
     monkeypatch.setattr(kernels, "MAX_PARTS", 4)
     params = SparsityParams(**geometry).resolved(16)
-    sequences = [sequence(rng, t, 4, 1, 16, torch.float32, params=params) for t in (290, 163, 40)]
-    inputs = batch_cache(rng, sequences, 2, params)
+    sequences = [sequence(rng, t, q_heads, kv_heads, 16, torch.float32, params=params) for t in lengths]
+    inputs = batch_cache(rng, sequences, n, params)
     out, lse, indices = kernels.nsa_decode(*decode_args(inputs), params)
     expected_out, expected_lse, expected_indices = reference.nsa_decode(*decode_args(inputs), params)
     assert torch.equal(indices, expected_indices)
@@ -519,6 +529,8 @@ def test_gpu_long_context_kernels_match_reference(rng, monkeypatch, q_heads, kv_
         lengths.cuda(),
     ]
     out, lse, indices = kernels.nsa_decode(*args, params)
+    # Five ranked parts per token, merged by whichever finishes last: reruns select the same blocks.
+    assert all(torch.equal(indices, kernels.nsa_decode(*args, params)[2]) for _ in range(10))
     upcast = [x.float() if x.is_floating_point() else x for x in args]
     expected, expected_lse, _ = reference.nsa_decode(*upcast, params, indices=indices)
     assert ((out.float() - expected).norm() / expected.norm()).item() < 2e-2
@@ -555,8 +567,10 @@ def test_gpu_decode_step_equals_the_training_kernels(rng):
 
 
 @pytest.mark.gpu
-def test_gpu_decode_step_captures_in_a_cuda_graph(rng):
-    """No host sync: one decode step records into a CUDA graph and replays on new inputs."""
+def test_gpu_decode_step_captures_in_a_cuda_graph(rng, monkeypatch):
+    """No host sync: one decode step records into a CUDA graph and replays on new inputs (with two ranked
+    parts, so that each replay resets the counters of the part programs' merge)."""
+    monkeypatch.setattr(kernels, "PART", 16)
     params = SparsityParams().resolved(128)
     sequences = [sequence(rng, t, 32, 8, 128, torch.bfloat16, params=params) for t in (1500, 1200)]
     static = {k: v.cuda() for k, v in batch_cache(rng, sequences, 1, params).items()}

@@ -13,10 +13,11 @@ many programs per (sequence, KV head), so that a single sequence fills the GPU t
 2. select, one program per (sequence, KV head, new token, part of the blocks): merges the maxima and sums
    of the compressed partials into each head's lse, turns the stored pieces into the group's importance
    (eq. 10) and writes the part's top n blocks as sort keys (importance bits, then the block's index
-   reversed, so that ties go to the lower block; forced blocks get +inf);
-3. selected partials, one program per (sequence, KV head, SLOTS slots): merges the parts' keys into the
-   top n (exact: each part kept its own top n), takes its slots' blocks in ascending order and attends to
-   them as one gathered tile;
+   reversed, so that ties go to the lower block; forced blocks get +inf). The last part program of each
+   (sequence, KV head, new token) to finish merges the parts' keys into the top n (exact: each part kept
+   its own top n) and writes them as the step's indices, in ascending order;
+3. selected partials, one program per (sequence, KV head, SLOTS slots): reads its slots' blocks from the
+   indices and attends to them as one gathered tile;
 4. combine, one program per (sequence, KV head, new token, HEADS heads, slice of the value dimension):
    merges the three branches' partials, gates and adds them.
 
@@ -50,7 +51,7 @@ BW = 64
 PART = 128
 """Blocks ranked per select program (at least; more when there would be over MAX_PARTS parts)."""
 MAX_PARTS = 8
-"""Most select programs per (sequence, KV head, new token): the slot programs merge parts × n keys."""
+"""Most select programs per (sequence, KV head, new token): the last to finish merges parts × n keys."""
 SLOTS = 2
 """Selected blocks per slot program, gathered into one tile."""
 HEADS = 4
@@ -183,14 +184,14 @@ def _combine_rows(
 
 @triton.jit
 def _cmp_window_kernel(
-    Q, KC, VC, KW, VW, LENS, U, USP, MT, PM, PL, PA, PM2, PL2, PA2,
+    Q, KC, VC, KW, VW, LENS, U, USP, MT, PM, PL, PA, PM2, PL2, PA2, COUNT,
     sq_b, sq_t, sq_h, skc_b, skc_t, skc_h, svc_b, svc_t, svc_h, skw_b, skw_t, skw_h, svw_b, svw_t, svw_h,
     su_bh, su_r, smt_bh, smt_t,
     n_new, n_split, n_chunks, split_len, tc_bound, rows_w, scale_log2,
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, CSTRIDE: tl.constexpr, CSPAN: tl.constexpr,
     BLOCK: tl.constexpr, RATIO: tl.constexpr, QC: tl.constexpr, NW: tl.constexpr, NSEL: tl.constexpr,
     WINDOW: tl.constexpr, BWIN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
-    BDV: tl.constexpr, PDL: tl.constexpr,
+    BDV: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr,
 ):  # fmt: skip
     """Program (b·HKV + h, i): compressed slice i (i < n_split) or window tile i − n_split of one (b, h)."""
     if PDL:
@@ -201,6 +202,8 @@ def _cmp_window_kernel(
     h = bh % HKV
     length = tl.load(LENS + b)
     r = tl.arange(0, ROWS)
+    if MERGE and pid == 0:  # launch 2's part programs count themselves in COUNT
+        tl.store(COUNT + bh * n_new + r, 0, mask=r < n_new)
     jr = r // GROUP
     row_ok = jr < n_new
     t = length - n_new + jr
@@ -273,15 +276,25 @@ def _cmp_window_kernel(
 
 
 @triton.jit
+def _store_top_n(top, pos, AT, TOPN: tl.constexpr):
+    """The blocks of the first TOPN of the sort keys `top` (descending), in ascending order, −1 for none."""
+    chosen = tl.sort(tl.where((pos < TOPN) & (top >= 0), -(top & 0xFFFFFFFF) + NO_BLOCK, NO_BLOCK))
+    tl.store(AT + pos, tl.where(chosen == NO_BLOCK, -1, chosen), mask=pos < TOPN)
+
+
+@triton.jit
 def _select_kernel(
-    U, USP, MT, PM, PL, LENS, KEYS,
-    su_bh, su_r, smt_bh, smt_t,
+    U, USP, MT, PM, PL, LENS, KEYS, COUNT, IDX,
+    su_bh, su_r, smt_bh, smt_t, si_b, si_t, si_h,
     n_new, n_split, tc_bound,
     HKV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, CSTRIDE: tl.constexpr,
     CSPAN: tl.constexpr, SEL: tl.constexpr, BLOCK: tl.constexpr, RATIO: tl.constexpr, PB: tl.constexpr,
-    NPART: tl.constexpr, TOPNP: tl.constexpr, CP: tl.constexpr, PDL: tl.constexpr,
+    NPART: tl.constexpr, TOPN: tl.constexpr, TOPNP: tl.constexpr, NKEYSP: tl.constexpr, CP: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
-    """The top TOPNP blocks, as sort keys, among blocks part·PB … of new token jq of one (b, KV head)."""
+    """Top n of blocks part·PB … of new token jq of one (b, KV head). With one part, they are the indices;
+    otherwise the program stores its top TOPNP as sort keys in KEYS, and the last of the NPART programs to
+    finish merges them into the indices."""
     if PDL:
         _wait_then_release()
     bh = tl.program_id(0)
@@ -313,20 +326,31 @@ def _select_kernel(
     bits = tl.where(forced, 0x7F800000, imp.to(tl.int32, bitcast=True)).to(tl.int64)
     key = tl.where(cand, (bits << 32) | (-j + NO_BLOCK).to(tl.int64), -1)
     top = tl.sort(key, descending=True)
-    pos = tl.arange(0, PB)
-    tl.store(KEYS + ((bh * n_new + jq) * NPART + part) * TOPNP + pos, top, mask=pos < TOPNP)
+    at_idx = IDX + b * si_b + jq * si_t + (bh % HKV) * si_h
+    if NPART == 1:
+        _store_top_n(top, tl.arange(0, PB), at_idx, TOPN)
+    else:
+        pos = tl.arange(0, PB)
+        mine = KEYS + (bh * n_new + jq) * NPART * TOPNP
+        tl.store(mine + part * TOPNP + pos, top, mask=pos < TOPNP)
+        tl.debug_barrier()  # every thread's keys stored before the count (a release) says so
+        if tl.atomic_add(COUNT + bh * n_new + jq, 1, sem="acq_rel") == NPART - 1:
+            tl.debug_barrier()
+            every = tl.arange(0, NKEYSP)
+            keys = tl.load(mine + every, mask=every < NPART * TOPNP, other=-1, cache_modifier=".cg")
+            _store_top_n(tl.sort(keys, descending=True), every, at_idx, TOPN)
 
 
 @triton.jit
 def _selected_kernel(
-    Q, K, V, KEYS, LENS, IDX, PM2, PL2, PA2,
+    Q, K, V, IDX, LENS, PM2, PL2, PA2,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, si_b, si_t, si_h,
     n_new, n_chunks, rows_k, scale_log2,
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr,
-    SLOTS: tl.constexpr, TOPN: tl.constexpr, NKEYS: tl.constexpr, NKEYSP: tl.constexpr, DK: tl.constexpr,
-    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, PDL: tl.constexpr,
+    SLOTS: tl.constexpr, TOPN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
+    BDV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """Slots i·SLOTS … of one (b, KV head): those lowest of each new token's top-n blocks, and their partial."""
+    """Slots i·SLOTS … of one (b, KV head) (each new token's indices, ascending), and their partial."""
     if PDL:
         _wait_then_release()
     bh = tl.program_id(0)
@@ -352,18 +376,9 @@ def _selected_kernel(
     within = kb % BS
     k_base = K + b64 * sk_b + h * sk_h
     v_base = V + b64 * sv_b + h * sv_h
-    pos = tl.arange(0, NKEYSP)
+    slot = first + kb // BS
     for jq in range(n_new):
-        keys = tl.load(KEYS + (bh * n_new + jq) * NKEYS + pos, mask=pos < NKEYS, other=-1)
-        top = tl.sort(keys, descending=True)
-        chosen = tl.sort(tl.where((pos < TOPN) & (top >= 0), -(top & 0xFFFFFFFF) + NO_BLOCK, NO_BLOCK))
-        blk = tl.full([SLOTS * BS], -1, tl.int64)
-        for i in tl.static_range(SLOTS):
-            one = tl.sum(tl.where(pos == first + i, chosen, 0), 0)
-            one = tl.where(one == NO_BLOCK, -1, one)
-            if first + i < TOPN:
-                tl.store(IDX + b * si_b + jq * si_t + h * si_h + first + i, one)
-            blk = tl.where(kb // BS == i, one, blk)
+        blk = tl.load(IDX + b * si_b + jq * si_t + h * si_h + slot, mask=slot < TOPN, other=-1)
         p = blk * SEL + within
         p_ok = (blk >= 0) & (within < SEL) & (p <= length - n_new + jq)
         row = rows_k - length + p
@@ -462,11 +477,21 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     pa = _empty(batch * hkv, n_split, rows_p, bdv, **f32)
     pm2, pl2 = (_empty(batch * hkv, n_chunks, rows_p, **f32) for _ in range(2))
     pa2 = _empty(batch * hkv, n_chunks, rows_p, bdv, **f32)
+    blocks = max(1, num_selection_blocks(rows_k, block))
+    top_np = triton.next_power_of_2(top_n)
+    part = max(PART, top_np, triton.next_power_of_2(triton.cdiv(blocks, MAX_PARTS)))
+    parts = triton.cdiv(blocks, part)
+    indices = _empty(batch, n, hkv, top_n, dtype=torch.int64, device=device)
+    if parts > 1:
+        keys = _empty(batch * hkv, n, parts, top_np, dtype=torch.int64, device=device)
+        counts = _empty(batch * hkv, n, dtype=torch.int32, device=device)  # finished part programs per token
+    else:  # the kernels never touch them
+        keys, counts = indices, lens
     k_win = k if k_win is None else k_win
     v_win = v if v_win is None else v_win
     scale_log2 = params.scale * LOG2E
     _cmp_window_kernel[(batch * hkv, n_split + n_win)](
-        q, k_cmp, v_cmp, k_win, v_win, lens, *pieces, tile_max, pm, pl, pa, pm2, pl2, pa2,
+        q, k_cmp, v_cmp, k_win, v_win, lens, *pieces, tile_max, pm, pl, pa, pm2, pl2, pa2, counts,
         q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
         v_cmp.stride(0), v_cmp.stride(1), v_cmp.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
         v_win.stride(0), v_win.stride(1), v_win.stride(2),
@@ -474,33 +499,28 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         n, n_split, n_chunks, split_len, tc_bound, k_win.shape[1], scale_log2,
         HKV=hkv, GROUP=group, ROWS=rows_p, CSTRIDE=stride, CSPAN=length, BLOCK=bc, RATIO=ratio, QC=per_cmp,
         NW=nw, NSEL=n_sel, WINDOW=params.window, BWIN=BW, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
-        num_warps=4,
+        MERGE=parts > 1, num_warps=4,
     )  # fmt: skip
-    blocks = max(1, num_selection_blocks(rows_k, block))
-    top_np = triton.next_power_of_2(top_n)
-    part = max(PART, top_np, triton.next_power_of_2(triton.cdiv(blocks, MAX_PARTS)))
-    parts = triton.cdiv(blocks, part)
-    keys = _empty(batch * hkv, n, parts, top_np, dtype=torch.int64, device=device)
     _select_kernel[(batch * hkv, n, parts)](
-        *pieces, tile_max, pm, pl, lens, keys,
+        *pieces, tile_max, pm, pl, lens, keys, counts, indices,
         pieces[0].stride(0), pieces[0].stride(1), tile_max.stride(0), tile_max.stride(1),
+        indices.stride(0), indices.stride(1), indices.stride(2),
         n, n_split, tc_bound,
         HKV=hkv, GROUP=group, GP=gp, ROWS=rows_p, CSTRIDE=stride, CSPAN=length, SEL=block, BLOCK=bc,
-        RATIO=ratio, PB=part, NPART=parts, TOPNP=top_np, CP=triton.next_power_of_2(n_split), PDL=pdl,
+        RATIO=ratio, PB=part, NPART=parts, TOPN=top_n, TOPNP=top_np,
+        NKEYSP=triton.next_power_of_2(parts * top_np), CP=triton.next_power_of_2(n_split), PDL=pdl,
         num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
-    indices = _empty(batch, n, hkv, top_n, dtype=torch.int64, device=device)
     out = _empty(batch, n, hq, dv, dtype=q.dtype, device=device)
     lse = _empty(batch, n, hq, 3, **f32)
     cps = [triton.next_power_of_2(count) for count in (n_split, n_sel, n_win)]
     _selected_kernel[(batch * hkv, n_sel)](
-        q, k, v, keys, lens, indices, pm2, pl2, pa2,
+        q, k, v, indices, lens, pm2, pl2, pa2,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), indices.stride(0), indices.stride(1), indices.stride(2),
         n, n_chunks, rows_k, scale_log2,
         HKV=hkv, GROUP=group, ROWS=rows_p, SEL=block, BS=max(16, triton.next_power_of_2(block)), SLOTS=SLOTS,
-        TOPN=top_n, NKEYS=parts * top_np, NKEYSP=triton.next_power_of_2(parts * top_np), DK=dk, DV=dv, BDK=bdk,
-        BDV=bdv, PDL=pdl,
+        TOPN=top_n, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
         num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
     dvs = min(DV_SLICE, bdv)
