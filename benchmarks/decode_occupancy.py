@@ -1,0 +1,130 @@
+"""Occupancy of the decode kernels on an H100, without a GPU: each kernel compiled for sm_90 at a benchmark shape.
+
+    PYTHONPATH=PATH_TO_TRITON_3.6 python3 benchmarks/decode_occupancy.py paper-G16 16 [65536]
+
+The host code of `kernels/decode.py` runs on meta tensors (132 multiprocessors, PDL on), its four launches are
+recorded instead of run, and each is compiled with the specialisation a launch would get (pointers and
+multiples of 16 aligned, integers equal to 1 constant). Prints registers, spilled stack, shared memory,
+programs per multiprocessor (the tighter of the register and shared-memory limits) and waves. Registers
+depend on the Triton version: the device's Triton 3.6 (`pip install --target DIR triton==3.6.0`, then
+PYTHONPATH=DIR) reproduced Nsight Compute's registers, grids and waves exactly on the H100 (RESULTS.md).
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from bench_decode import CONFIGS, PARAMS
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from nsa_convert.kernels import decode as d
+from nsa_convert.spec import num_compressed_blocks
+
+TARGET = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+TYPES = {
+    torch.bfloat16: "*bf16",
+    torch.float32: "*fp32",
+    torch.int32: "*i32",
+    torch.int64: "*i64",
+    torch.float16: "*fp16",
+}
+LAUNCH = {"num_warps", "num_stages", "launch_pdl", "maxnreg"}
+
+
+class Recorder:
+    """Stands in for a kernel: `kernel[grid](*args, **kwargs)` appends the launch to `calls`."""
+
+    def __init__(self, fn, calls):
+        self.fn, self.calls = fn, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.fn, grid, args, kwargs))
+
+
+def compile_call(fn, grid, args, kwargs) -> None:
+    """Compile one recorded launch for sm_90 and print its resources."""
+    names = fn.arg_names
+    sig, constexprs, attrs = {}, {}, {}
+    values = dict(zip(names, args, strict=False))
+    values.update({k: v for k, v in kwargs.items() if k not in LAUNCH})
+    for i, name in enumerate(names):
+        v = values[name]
+        if fn.params[i].is_constexpr:
+            sig[name] = "constexpr"
+            constexprs[name] = v
+        elif isinstance(v, torch.Tensor):
+            sig[name] = TYPES[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool):
+            sig[name] = "i1"
+        elif isinstance(v, int):
+            if v == 1:
+                sig[name] = "constexpr"
+                constexprs[name] = 1
+            else:
+                sig[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(name)
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
+    options.setdefault("num_warps", 4)
+    k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=TARGET, options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        usage = subprocess.run(
+            [CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True
+        ).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    shared = k.metadata.shared
+    threads = 32 * options["num_warps"]
+    by_regs = 65536 // (((regs + 7) // 8 * 8) * threads)
+    by_smem = (228 * 1024) // (shared + 1024)
+    blocks = min(by_regs, by_smem, 64 // options["num_warps"], 32)
+    programs = 1
+    for g in grid:
+        programs *= g
+    print(
+        f"{fn.__name__:20} grid {programs:6}  regs {regs:4}  stack {stack:5}  shared {shared / 1024:6.1f} KB  "
+        f"blocks/SM {blocks} (regs {by_regs}, shared {by_smem})  waves {programs / (132 * blocks):.2f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", choices=sorted(CONFIGS))
+    parser.add_argument("batch", type=int)
+    parser.add_argument("context", type=int, nargs="?", default=65536)
+    args = parser.parse_args()
+    name, batch, seq_len = args.config, args.batch, args.context
+    hq, hkv, dim = CONFIGS[name]
+    tc = num_compressed_blocks(seq_len, PARAMS.compress_block, PARAMS.compress_stride)
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    q = torch.empty(batch, 1, hq, dim, **meta)
+    k, v = (torch.empty(batch, hkv, seq_len, dim, **meta).transpose(1, 2) for _ in range(2))
+    kc, vc = (torch.empty(batch, hkv, tc, dim, **meta).transpose(1, 2) for _ in range(2))
+    gates = torch.empty(batch, 1, hq, 3, **meta)
+    lens = torch.empty(batch, dtype=torch.int32, device="meta")
+    calls = []
+    for kernel in ("_cmp_window_kernel", "_select_kernel", "_selected_kernel", "_combine_kernel"):
+        setattr(d, kernel, Recorder(getattr(d, kernel), calls))
+    d._sm_count = lambda device: 132
+    d._use_pdl = lambda device: True
+    d.nsa_decode(q, k, v, kc, vc, gates, lens, PARAMS)
+    print(f"{name} B={batch} T={seq_len}, Triton {triton.__version__}")
+    for call in calls:
+        compile_call(*call)
+
+
+if __name__ == "__main__":
+    main()
