@@ -255,8 +255,11 @@ def test_kernels_with_small_tiles_match_reference(rng, monkeypatch, geometry):
     _check_small_tiles(rng, monkeypatch, geometry, 4, 1, (290, 163, 40), 2)
 
 
-def test_kernels_with_small_tiles_and_chunks_match_reference(rng, monkeypatch):
-    """Several ranked parts, merged by their last program, in each of two chunks of new tokens (G = 16)."""
+@pytest.mark.parametrize("gather", [1, 2])
+def test_kernels_with_small_tiles_and_chunks_match_reference(rng, monkeypatch, gather):
+    """Several ranked parts, merged by their last program, in each of two chunks of new tokens (G = 16); the
+    slot programs' blocks gathered into one tile or taken one after the other (top n odd: a slot left empty)."""
+    monkeypatch.setattr(kernels, "GATHER", gather)
     geometry = dict(block_size=12, top_n=5, window=20, compress_block=12, compress_stride=4)
     _check_small_tiles(rng, monkeypatch, geometry, 32, 2, (290, 163), 5)
 

@@ -53,7 +53,11 @@ PART = 128
 MAX_PARTS = 8
 """Most select programs per (sequence, KV head, new token): the last to finish merges parts × n keys."""
 SLOTS = 2
-"""Selected blocks per slot program, gathered into one tile."""
+"""Selected blocks per slot program."""
+GATHER = 2
+"""Selected blocks gathered into one tile (SLOTS / GATHER tiles per slot program, one after the other)."""
+SLOT_STAGES = 3
+"""Pipeline stages of the slot programs' tile loop (one stage holds a tile's keys and values in shared memory)."""
 HEADS = 4
 """Query heads per combine program."""
 DV_SLICE = 16
@@ -64,6 +68,11 @@ MAX_SPLITS = 64
 """Most programs the compressed keys of one (sequence, KV head) are split over."""
 WAVES = 2
 """Compressed programs aimed at per multiprocessor: fewer splits mean fewer partials to merge."""
+CMP_WARPS = 4
+"""Warps of a compressed + window program."""
+CMP_MAXNREG = 0
+"""Registers per thread the compressed + window programs are held to (0: as the compiler likes; at 168 on
+the H100, three programs fit per multiprocessor, at 128 four)."""
 POISON = False
 """Tests set this to fill every buffer the kernels must write with NaN (or −7777 for indices) first."""
 
@@ -347,8 +356,8 @@ def _selected_kernel(
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, si_b, si_t, si_h,
     n_new, n_chunks, rows_k, scale_log2,
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr,
-    SLOTS: tl.constexpr, TOPN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
-    BDV: tl.constexpr, PDL: tl.constexpr,
+    SLOTS: tl.constexpr, GATHER: tl.constexpr, TOPN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Slots i·SLOTS … of one (b, KV head) (each new token's indices, ascending), and their partial."""
     if PDL:
@@ -372,29 +381,30 @@ def _selected_kernel(
     m_i = tl.full([ROWS], -1.0e30, tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BDV], tl.float32)
-    kb = tl.arange(0, SLOTS * BS)
+    kb = tl.arange(0, GATHER * BS)
     within = kb % BS
     k_base = K + b64 * sk_b + h * sk_h
     v_base = V + b64 * sv_b + h * sv_h
-    slot = first + kb // BS
     for jq in range(n_new):
-        blk = tl.load(IDX + b * si_b + jq * si_t + h * si_h + slot, mask=slot < TOPN, other=-1)
-        p = blk * SEL + within
-        p_ok = (blk >= 0) & (within < SEL) & (p <= length - n_new + jq)
-        row = rows_k - length + p
-        kt = tl.load(
-            k_base + row[None, :] * sk_t + dk[:, None],
-            mask=p_ok[None, :] & (dk[:, None] < DK),
-            other=0.0,
-        )
-        vv = tl.load(
-            v_base + row[:, None] * sv_t + dv[None, :],
-            mask=p_ok[:, None] & (dv[None, :] < DV),
-            other=0.0,
-        )
-        s = tl.dot(q, kt) * scale_log2
-        s = tl.where((row_ok & (jr == jq))[:, None] & p_ok[None, :], s, float("-inf"))
-        m_i, l_i, acc, _ = _online(m_i, l_i, acc, s, vv)
+        for g0 in range(0, SLOTS, GATHER):
+            slot = first + g0 + kb // BS
+            blk = tl.load(IDX + b * si_b + jq * si_t + h * si_h + slot, mask=slot < TOPN, other=-1)
+            p = blk * SEL + within
+            p_ok = (blk >= 0) & (within < SEL) & (p <= length - n_new + jq)
+            row = rows_k - length + p
+            kt = tl.load(
+                k_base + row[None, :] * sk_t + dk[:, None],
+                mask=p_ok[None, :] & (dk[:, None] < DK),
+                other=0.0,
+            )
+            vv = tl.load(
+                v_base + row[:, None] * sv_t + dv[None, :],
+                mask=p_ok[:, None] & (dv[None, :] < DV),
+                other=0.0,
+            )
+            s = tl.dot(q, kt) * scale_log2
+            s = tl.where((row_ok & (jr == jq))[:, None] & p_ok[None, :], s, float("-inf"))
+            m_i, l_i, acc, _ = _online(m_i, l_i, acc, s, vv)
     _store_partial(PM2, PL2, PA2, bh * n_chunks + tl.program_id(1), r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
 
 
@@ -499,7 +509,7 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         n, n_split, n_chunks, split_len, tc_bound, k_win.shape[1], scale_log2,
         HKV=hkv, GROUP=group, ROWS=rows_p, CSTRIDE=stride, CSPAN=length, BLOCK=bc, RATIO=ratio, QC=per_cmp,
         NW=nw, NSEL=n_sel, WINDOW=params.window, BWIN=BW, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
-        MERGE=parts > 1, num_warps=4,
+        MERGE=parts > 1, num_warps=CMP_WARPS, maxnreg=CMP_MAXNREG or None,
     )  # fmt: skip
     _select_kernel[(batch * hkv, n, parts)](
         *pieces, tile_max, pm, pl, lens, keys, counts, indices,
@@ -520,8 +530,9 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         v.stride(2), indices.stride(0), indices.stride(1), indices.stride(2),
         n, n_chunks, rows_k, scale_log2,
         HKV=hkv, GROUP=group, ROWS=rows_p, SEL=block, BS=max(16, triton.next_power_of_2(block)), SLOTS=SLOTS,
+        GATHER=GATHER,
         TOPN=top_n, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
-        num_warps=4, launch_pdl=pdl,
+        num_warps=4, num_stages=SLOT_STAGES, launch_pdl=pdl,
     )  # fmt: skip
     dvs = min(DV_SLICE, bdv)
     gh = min(HEADS, gp)
