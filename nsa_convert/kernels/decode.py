@@ -7,9 +7,11 @@ many programs per (sequence, KV head), so that a single sequence fills the GPU t
 
 1. compressed + window, split-K: a program either takes a slice of the compressed keys or one BW-token
    tile of the window, and writes an online-softmax partial (m, l, acc). A compressed program also folds
-   each tile's probabilities into block importance (eq. 9) with one small matrix product, relative to the
-   tile's running maximum, which it stores beside them (a block's terms come from its home tile and, at
-   most, the tile before: `_home`);
+   each tile's probabilities into block importance terms (eq. 9), relative to the tile's running maximum,
+   which it stores beside them, in planes. When l'/d is a power of two, each group of l'/d compressed keys
+   lies in one tile and adds to its own block and the next few, one plane each (weighted sums over the
+   group). Otherwise one small matrix product per tile gives the terms of the blocks whose home it is and
+   of the next tile's first blocks, in two planes (`_home`);
 2. select, one program per (sequence, KV head, new token, part of the blocks): merges the maxima and sums
    of the compressed partials into each head's lse, turns the stored pieces into the group's importance
    (eq. 10) and writes the part's top n blocks as sort keys (importance bits, then the block's index
@@ -17,7 +19,7 @@ many programs per (sequence, KV head), so that a single sequence fills the GPU t
    (sequence, KV head, new token) to finish merges the parts' keys into the top n (exact: each part kept
    its own top n) and writes them as the step's indices, in ascending order;
 3. selected partials, one program per (sequence, KV head, SLOTS slots): reads its slots' blocks from the
-   indices and attends to them as one gathered tile;
+   indices and attends to them, GATHER blocks per tile;
 4. combine, one program per (sequence, KV head, new token, HEADS heads, slice of the value dimension):
    merges the three branches' partials, gates and adds them.
 
@@ -193,14 +195,14 @@ def _combine_rows(
 
 @triton.jit
 def _cmp_window_kernel(
-    Q, KC, VC, KW, VW, LENS, U, USP, MT, PM, PL, PA, PM2, PL2, PA2, COUNT,
+    Q, KC, VC, KW, VW, LENS, U, MT, PM, PL, PA, PM2, PL2, PA2, COUNT,
     sq_b, sq_t, sq_h, skc_b, skc_t, skc_h, svc_b, svc_t, svc_h, skw_b, skw_t, skw_h, svw_b, svw_t, svw_h,
-    su_bh, su_r, smt_bh, smt_t,
+    su_p, su_bh, su_r, smt_bh, smt_t,
     n_new, n_split, n_chunks, split_len, tc_bound, rows_w, scale_log2,
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, CSTRIDE: tl.constexpr, CSPAN: tl.constexpr,
     BLOCK: tl.constexpr, RATIO: tl.constexpr, QC: tl.constexpr, NW: tl.constexpr, NSEL: tl.constexpr,
     WINDOW: tl.constexpr, BWIN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
-    BDV: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr,
+    BDV: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr, BANDED: tl.constexpr, PLANES: tl.constexpr,
 ):  # fmt: skip
     """Program (b·HKV + h, i): compressed slice i (i < n_split) or window tile i − n_split of one (b, h)."""
     if PDL:
@@ -250,15 +252,26 @@ def _cmp_window_kernel(
             s = tl.dot(q, kt) * scale_log2
             s = tl.where(c[None, :] < nvis[:, None], s, float("-inf"))
             m_i, l_i, acc, p = _online(m_i, l_i, acc, s, vv)
-            # Blocks with terms in this tile: those whose home it is, then the next tile's first ones.
             tile = c0 // BLOCK
-            jb = (c0 + RATIO) // RATIO - 1 + jl
-            w = _band_weight(RATIO * (jb[None, :] + 1) - 1 - c[:, None], RATIO, QC)
-            u = tl.dot(p, w, input_precision="ieee")
-            home = _home(jb, RATIO, BLOCK)
-            at = bh * su_bh + r[:, None] * su_r + jb[None, :]
-            tl.store(U + at, u, mask=row_ok[:, None] & (home == tile)[None, :])
-            tl.store(USP + at, u, mask=row_ok[:, None] & (home == tile + 1)[None, :])
+            if BANDED:
+                # Group g (RATIO keys from RATIO·g, within the tile) adds to block g + i: plane i.
+                group = c0 // RATIO + tl.arange(0, BLOCK // RATIO)
+                p3 = tl.reshape(p, [ROWS, BLOCK // RATIO, RATIO])
+                o = tl.arange(0, RATIO)
+                for i in tl.static_range(PLANES):
+                    w = _band_weight(RATIO * (i + 1) - 1 - o, RATIO, QC)
+                    at = i * su_p + bh * su_bh + r[:, None] * su_r + (group + i)[None, :]
+                    tl.store(U + at, tl.sum(p3 * w[None, None, :], 2), mask=row_ok[:, None])
+            else:
+                # Blocks with terms in this tile: those whose home it is (plane 0), then the next tile's
+                # first ones (plane 1).
+                jb = (c0 + RATIO) // RATIO - 1 + jl
+                w = _band_weight(RATIO * (jb[None, :] + 1) - 1 - c[:, None], RATIO, QC)
+                u = tl.dot(p, w, input_precision="ieee")
+                home = _home(jb, RATIO, BLOCK)
+                at = bh * su_bh + r[:, None] * su_r + jb[None, :]
+                tl.store(U + at, u, mask=row_ok[:, None] & (home == tile)[None, :])
+                tl.store(U + su_p + at, u, mask=row_ok[:, None] & (home == tile + 1)[None, :])
             tl.store(MT + bh * smt_bh + tile * smt_t + r, m_i, mask=row_ok)
         _store_partial(PM, PL, PA, bh * n_split + pid, r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
     else:
@@ -293,13 +306,13 @@ def _store_top_n(top, pos, AT, TOPN: tl.constexpr):
 
 @triton.jit
 def _select_kernel(
-    U, USP, MT, PM, PL, LENS, KEYS, COUNT, IDX,
-    su_bh, su_r, smt_bh, smt_t, si_b, si_t, si_h,
+    U, MT, PM, PL, LENS, KEYS, COUNT, IDX,
+    su_p, su_bh, su_r, smt_bh, smt_t, si_b, si_t, si_h,
     n_new, n_split, tc_bound,
     HKV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, CSTRIDE: tl.constexpr,
     CSPAN: tl.constexpr, SEL: tl.constexpr, BLOCK: tl.constexpr, RATIO: tl.constexpr, PB: tl.constexpr,
     NPART: tl.constexpr, TOPN: tl.constexpr, TOPNP: tl.constexpr, NKEYSP: tl.constexpr, CP: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, BANDED: tl.constexpr, PLANES: tl.constexpr,
 ):  # fmt: skip
     """Top n of blocks part·PB … of new token jq of one (b, KV head). With one part, they are the indices;
     otherwise the program stores its top TOPNP as sort keys in KEYS, and the last of the NPART programs to
@@ -321,16 +334,17 @@ def _select_kernel(
     cur = tl.where(t >= 0, t // SEL, -1)
     j = part * PB + tl.arange(0, PB)
     cand = j <= cur
-    home = _home(j, RATIO, BLOCK)
     at = bh * su_bh + r[:, None] * su_r + j[None, :]
-    ok = g_ok[:, None] & (cand & (home < tiles))[None, :]
-    u = tl.load(U + at, mask=ok, other=0.0)
-    m_t = tl.load(MT + bh * smt_bh + home[None, :] * smt_t + r[:, None], mask=ok, other=float("-inf"))
-    imp = u * tl.math.exp2(m_t - lse2[:, None])
-    ok = g_ok[:, None] & (cand & (home >= 1) & (home <= tiles))[None, :]
-    u = tl.load(USP + at, mask=ok, other=0.0)
-    m_t = tl.load(MT + bh * smt_bh + (home[None, :] - 1) * smt_t + r[:, None], mask=ok, other=float("-inf"))
-    imp = tl.sum(imp + u * tl.math.exp2(m_t - lse2[:, None]), 0)
+    imp = tl.zeros([GP, PB], tl.float32)
+    for i in tl.static_range(
+        PLANES
+    ):  # each plane's terms are relative to the maximum of the tile they lie in
+        tile = tl.where(j >= i, RATIO * (j - i) // BLOCK, -1) if BANDED else _home(j, RATIO, BLOCK) - i
+        ok = g_ok[:, None] & (cand & (tile >= 0) & (tile < tiles))[None, :]
+        u = tl.load(U + i * su_p + at, mask=ok, other=0.0)
+        m_t = tl.load(MT + bh * smt_bh + tile[None, :] * smt_t + r[:, None], mask=ok, other=float("-inf"))
+        imp += u * tl.math.exp2(m_t - lse2[:, None])
+    imp = tl.sum(imp, 0)
     forced = (j == 0) | (j == cur) | (j == cur - 1)
     bits = tl.where(forced, 0x7F800000, imp.to(tl.int32, bitcast=True)).to(tl.int64)
     key = tl.where(cand, (bits << 32) | (-j + NO_BLOCK).to(tl.int64), -1)
@@ -481,7 +495,13 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     n_chunks = n_sel + n_win
     f32 = dict(dtype=torch.float32, device=device)
     pdl = _use_pdl(device)
-    pieces = [_empty(batch * hkv, rows_p, triton.cdiv(tiles * bc, ratio) + nw, **f32) for _ in range(2)]
+    # Eq. 9 terms: with RATIO a power of two, each group of RATIO compressed keys lies in one tile and
+    # adds to its own block and the next PLANES − 1 (a sum over the group, no matrix product); otherwise
+    # a tile's terms go to the blocks whose home it is and to the next tile's first blocks (two planes).
+    banded = ratio & (ratio - 1) == 0
+    planes = (ratio + per_cmp - 2) // ratio + 1 if banded else 2
+    width = triton.cdiv(tiles * bc, ratio) + (planes if banded else nw)
+    pieces = _empty(planes, batch * hkv, rows_p, width, **f32)
     tile_max = _empty(batch * hkv, tiles, rows_p, **f32)
     pm, pl = (_empty(batch * hkv, n_split, rows_p, **f32) for _ in range(2))
     pa = _empty(batch * hkv, n_split, rows_p, bdv, **f32)
@@ -501,24 +521,25 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     v_win = v if v_win is None else v_win
     scale_log2 = params.scale * LOG2E
     _cmp_window_kernel[(batch * hkv, n_split + n_win)](
-        q, k_cmp, v_cmp, k_win, v_win, lens, *pieces, tile_max, pm, pl, pa, pm2, pl2, pa2, counts,
+        q, k_cmp, v_cmp, k_win, v_win, lens, pieces, tile_max, pm, pl, pa, pm2, pl2, pa2, counts,
         q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
         v_cmp.stride(0), v_cmp.stride(1), v_cmp.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
         v_win.stride(0), v_win.stride(1), v_win.stride(2),
-        pieces[0].stride(0), pieces[0].stride(1), tile_max.stride(0), tile_max.stride(1),
+        *pieces.stride()[:3], tile_max.stride(0), tile_max.stride(1),
         n, n_split, n_chunks, split_len, tc_bound, k_win.shape[1], scale_log2,
         HKV=hkv, GROUP=group, ROWS=rows_p, CSTRIDE=stride, CSPAN=length, BLOCK=bc, RATIO=ratio, QC=per_cmp,
         NW=nw, NSEL=n_sel, WINDOW=params.window, BWIN=BW, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
-        MERGE=parts > 1, num_warps=CMP_WARPS, maxnreg=CMP_MAXNREG or None,
+        MERGE=parts > 1, BANDED=banded, PLANES=planes, num_warps=CMP_WARPS, maxnreg=CMP_MAXNREG or None,
     )  # fmt: skip
     _select_kernel[(batch * hkv, n, parts)](
-        *pieces, tile_max, pm, pl, lens, keys, counts, indices,
-        pieces[0].stride(0), pieces[0].stride(1), tile_max.stride(0), tile_max.stride(1),
+        pieces, tile_max, pm, pl, lens, keys, counts, indices,
+        *pieces.stride()[:3], tile_max.stride(0), tile_max.stride(1),
         indices.stride(0), indices.stride(1), indices.stride(2),
         n, n_split, tc_bound,
         HKV=hkv, GROUP=group, GP=gp, ROWS=rows_p, CSTRIDE=stride, CSPAN=length, SEL=block, BLOCK=bc,
         RATIO=ratio, PB=part, NPART=parts, TOPN=top_n, TOPNP=top_np,
         NKEYSP=triton.next_power_of_2(parts * top_np), CP=triton.next_power_of_2(n_split), PDL=pdl,
+        BANDED=banded, PLANES=planes,
         num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
     out = _empty(batch, n, hq, dv, dtype=q.dtype, device=device)
