@@ -248,6 +248,12 @@ def test_kernels_match_reference(rng, monkeypatch, q_heads, kv_heads, lengths, n
         GEOMETRY,  # l'/d = 4, l/d = 2: one term of each block's span lies in the tile before
         dict(block_size=12, top_n=5, window=20, compress_block=12, compress_stride=4),  # l'/d = 3
         dict(block_size=8, top_n=3, window=16, compress_block=16, compress_stride=4),  # span 2 blocks back
+        # Peaked softmax (scale 1): tile maxima differ, so a plane read against the wrong tile's maximum
+        # changes the ranking.
+        dict(block_size=8, top_n=8, window=16, compress_block=16, compress_stride=4, scale=1.0),
+        dict(block_size=16, top_n=8, window=24, compress_block=8, compress_stride=4, scale=1.0),
+        dict(block_size=4, top_n=6, window=16, compress_block=16, compress_stride=4),  # l'/d = 1: 4 planes
+        dict(block_size=16, top_n=4, window=24, compress_block=4, compress_stride=4),  # l/d = 1: 1 plane
     ],
 )
 def test_kernels_with_small_tiles_match_reference(rng, monkeypatch, geometry):

@@ -235,7 +235,6 @@ def _cmp_window_kernel(
         hi = tl.minimum(lo + split_len, tl.max(nvis, 0))
         k_base = KC + b64 * skc_b + h * skc_h
         v_base = VC + b64 * svc_b + h * svc_h
-        jl = tl.arange(0, NW)
         for c0 in range(lo, hi, BLOCK):
             c = c0 + tl.arange(0, BLOCK)
             c_ok = c < hi
@@ -265,7 +264,7 @@ def _cmp_window_kernel(
             else:
                 # Blocks with terms in this tile: those whose home it is (plane 0), then the next tile's
                 # first ones (plane 1).
-                jb = (c0 + RATIO) // RATIO - 1 + jl
+                jb = (c0 + RATIO) // RATIO - 1 + tl.arange(0, NW)
                 w = _band_weight(RATIO * (jb[None, :] + 1) - 1 - c[:, None], RATIO, QC)
                 u = tl.dot(p, w, input_precision="ieee")
                 home = _home(jb, RATIO, BLOCK)
