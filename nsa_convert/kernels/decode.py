@@ -154,46 +154,6 @@ def _merge_branch(PM, PL, PA, first, count, r, r_ok, dv, CP: tl.constexpr, CCH: 
 
 
 @triton.jit
-def _combine_rows(
-    PM, PL, PA, PM2, PL2, PA2, GATE, OUT, LSE, bh, b, jq, hq, r, r_ok, dv, write_lse,
-    sg_b, sg_t, sg_h, so_b, so_t, so_h, sl_b, sl_t, sl_h, n_split, n_chunks,
-    NSEL: tl.constexpr, CP0: tl.constexpr, CCH0: tl.constexpr, CP1: tl.constexpr, CCH1: tl.constexpr,
-    CP2: tl.constexpr, CCH2: tl.constexpr, RP: tl.constexpr, DVS: tl.constexpr, ROWS: tl.constexpr,
-    BDV: tl.constexpr, DV: tl.constexpr,
-):  # fmt: skip
-    """out[row, dv] = Σ gate·o over the three branches' merged partials, for RP rows (new token jq, query
-    head hq, partial row r each) of one (b, KV head); lse too when write_lse."""
-    out = tl.zeros([RP, DVS], tl.float32)
-    for branch in tl.static_range(3):
-        if branch == 0:
-            m, l_sum, acc = _merge_branch(
-                PM, PL, PA, bh * n_split, n_split, r, r_ok, dv, CP0, CCH0, RP, DVS, ROWS, BDV
-            )
-        elif branch == 1:
-            m, l_sum, acc = _merge_branch(
-                PM2, PL2, PA2, bh * n_chunks, NSEL, r, r_ok, dv, CP1, CCH1, RP, DVS, ROWS, BDV
-            )
-        else:
-            m, l_sum, acc = _merge_branch(
-                PM2, PL2, PA2, bh * n_chunks + NSEL, n_chunks - NSEL, r, r_ok, dv, CP2, CCH2, RP, DVS, ROWS,
-                BDV,
-            )  # fmt: skip
-        nonempty = l_sum > 0
-        l_safe = tl.where(nonempty, l_sum, 1.0)
-        gate = tl.load(GATE + b * sg_b + jq * sg_t + hq * sg_h + branch, mask=r_ok, other=0.0).to(tl.float32)
-        out += acc * (gate / l_safe)[:, None]
-        lse = tl.where(nonempty, (m + tl.math.log2(l_safe)) * LN2, float("-inf"))
-        if write_lse:
-            tl.store(LSE + b * sl_b + jq * sl_t + hq * sl_h + branch, lse, mask=r_ok)
-    row = b * so_b + jq * so_t + hq * so_h
-    tl.store(
-        OUT + row[:, None] + dv[None, :],
-        out.to(OUT.dtype.element_ty),
-        mask=r_ok[:, None] & (dv[None, :] < DV),
-    )
-
-
-@triton.jit
 def _cmp_window_kernel(
     Q, KC, VC, KW, VW, LENS, U, MT, PM, PL, PA, PM2, PL2, PA2, COUNT,
     sq_b, sq_t, sq_h, skc_b, skc_t, skc_h, svc_b, svc_t, svc_h, skw_b, skw_t, skw_h, svw_b, svw_t, svw_h,
@@ -335,9 +295,8 @@ def _select_kernel(
     cand = j <= cur
     at = bh * su_bh + r[:, None] * su_r + j[None, :]
     imp = tl.zeros([GP, PB], tl.float32)
-    for i in tl.static_range(
-        PLANES
-    ):  # each plane's terms are relative to the maximum of the tile they lie in
+    # Each plane's terms are relative to the maximum of the tile they lie in.
+    for i in tl.static_range(PLANES):
         tile = tl.where(j >= i, RATIO * (j - i) // BLOCK, -1) if BANDED else _home(j, RATIO, BLOCK) - i
         ok = g_ok[:, None] & (cand & (tile >= 0) & (tile < tiles))[None, :]
         u = tl.load(U + i * su_p + at, mask=ok, other=0.0)
@@ -443,11 +402,33 @@ def _combine_kernel(
     g_ok = g < GROUP
     r = jq * GROUP + g
     hq = h * GROUP + g
-    _combine_rows(
-        PM, PL, PA, PM2, PL2, PA2, GATE, OUT, LSE, bh, b, jq + 0 * g, hq, r, g_ok, dv, tl.program_id(2) == 0,
-        sg_b, sg_t, sg_h, so_b, so_t, so_h, sl_b, sl_t, sl_h, n_split, n_chunks,
-        NSEL, CP0, CCH0, CP1, CCH1, CP2, CCH2, GH, DVS, ROWS, BDV, DV,
-    )  # fmt: skip
+    out = tl.zeros([GH, DVS], tl.float32)
+    for branch in tl.static_range(3):
+        if branch == 0:
+            m, l_sum, acc = _merge_branch(
+                PM, PL, PA, bh * n_split, n_split, r, g_ok, dv, CP0, CCH0, GH, DVS, ROWS, BDV
+            )
+        elif branch == 1:
+            m, l_sum, acc = _merge_branch(
+                PM2, PL2, PA2, bh * n_chunks, NSEL, r, g_ok, dv, CP1, CCH1, GH, DVS, ROWS, BDV
+            )
+        else:
+            m, l_sum, acc = _merge_branch(
+                PM2, PL2, PA2, bh * n_chunks + NSEL, n_chunks - NSEL, r, g_ok, dv, CP2, CCH2, GH, DVS, ROWS,
+                BDV,
+            )  # fmt: skip
+        nonempty = l_sum > 0
+        l_safe = tl.where(nonempty, l_sum, 1.0)
+        gate = tl.load(GATE + b * sg_b + jq * sg_t + hq * sg_h + branch, mask=g_ok, other=0.0).to(tl.float32)
+        out += acc * (gate / l_safe)[:, None]
+        lse = tl.where(nonempty, (m + tl.math.log2(l_safe)) * LN2, float("-inf"))
+        if tl.program_id(2) == 0:
+            tl.store(LSE + b * sl_b + jq * sl_t + hq * sl_h + branch, lse, mask=g_ok)
+    tl.store(
+        OUT + b * so_b + jq * so_t + hq[:, None] * so_h + dv[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=g_ok[:, None] & (dv[None, :] < DV),
+    )
 
 
 def _sm_count(device: torch.device) -> int:
@@ -541,9 +522,6 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         BANDED=banded, PLANES=planes,
         num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
-    out = _empty(batch, n, hq, dv, dtype=q.dtype, device=device)
-    lse = _empty(batch, n, hq, 3, **f32)
-    cps = [triton.next_power_of_2(count) for count in (n_split, n_sel, n_win)]
     _selected_kernel[(batch * hkv, n_sel)](
         q, k, v, indices, lens, pm2, pl2, pa2,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
@@ -554,8 +532,11 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         TOPN=top_n, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
         num_warps=4, num_stages=SLOT_STAGES, launch_pdl=pdl,
     )  # fmt: skip
+    out = _empty(batch, n, hq, dv, dtype=q.dtype, device=device)
+    lse = _empty(batch, n, hq, 3, **f32)
     dvs = min(DV_SLICE, bdv)
     gh = min(HEADS, gp)
+    cps = [triton.next_power_of_2(count) for count in (n_split, n_sel, n_win)]
     _combine_kernel[(batch * hkv, n * triton.cdiv(group, gh), triton.cdiv(dv, dvs))](
         pm, pl, pa, pm2, pl2, pa2, gates, out, lse,
         gates.stride(0), gates.stride(1), gates.stride(2), out.stride(0), out.stride(1), out.stride(2),
