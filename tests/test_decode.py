@@ -252,8 +252,8 @@ def test_kernels_match_reference(rng, monkeypatch, q_heads, kv_heads, lengths, n
         # changes the ranking.
         dict(block_size=8, top_n=8, window=16, compress_block=16, compress_stride=4, scale=1.0),
         dict(block_size=16, top_n=8, window=24, compress_block=8, compress_stride=4, scale=1.0),
-        dict(block_size=4, top_n=6, window=16, compress_block=16, compress_stride=4),  # l'/d = 1: 4 planes
-        dict(block_size=16, top_n=4, window=24, compress_block=4, compress_stride=4),  # l/d = 1: 1 plane
+        dict(block_size=4, top_n=6, window=16, compress_block=16, compress_stride=4),  # l'/d = 1
+        dict(block_size=16, top_n=4, window=24, compress_block=4, compress_stride=4),  # l/d = 1
     ],
 )
 def test_kernels_with_small_tiles_match_reference(rng, monkeypatch, geometry):

@@ -7,11 +7,9 @@ many programs per (sequence, KV head), so that a single sequence fills the GPU t
 
 1. compressed + window, split-K: a program either takes a slice of the compressed keys or one BW-token
    tile of the window, and writes an online-softmax partial (m, l, acc). A compressed program also folds
-   each tile's probabilities into block importance terms (eq. 9), relative to the tile's running maximum,
-   which it stores beside them, in planes. When l'/d is a power of two, each group of l'/d compressed keys
-   lies in one tile and adds to its own block and the next few, one plane each (weighted sums over the
-   group). Otherwise one small matrix product per tile gives the terms of the blocks whose home it is and
-   of the next tile's first blocks, in two planes (`_home`);
+   each tile's probabilities into block importance terms (eq. 9) with one small matrix product, relative
+   to the tile's running maximum, which it stores beside them, in two planes: the terms of the blocks
+   whose home the tile is, then of the next tile's first blocks (`_home`);
 2. select, one program per (sequence, KV head, new token, part of the blocks): merges the maxima and sums
    of the compressed partials into each head's lse, turns the stored pieces into the group's importance
    (eq. 10) and writes the part's top n blocks as sort keys (importance bits, then the block's index
@@ -162,7 +160,7 @@ def _cmp_window_kernel(
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, CSTRIDE: tl.constexpr, CSPAN: tl.constexpr,
     BLOCK: tl.constexpr, RATIO: tl.constexpr, QC: tl.constexpr, NW: tl.constexpr, NSEL: tl.constexpr,
     WINDOW: tl.constexpr, BWIN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
-    BDV: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr, BANDED: tl.constexpr, PLANES: tl.constexpr,
+    BDV: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr,
 ):  # fmt: skip
     """Program (b·HKV + h, i): compressed slice i (i < n_split) or window tile i − n_split of one (b, h)."""
     if PDL:
@@ -212,25 +210,15 @@ def _cmp_window_kernel(
             s = tl.where(c[None, :] < nvis[:, None], s, float("-inf"))
             m_i, l_i, acc, p = _online(m_i, l_i, acc, s, vv)
             tile = c0 // BLOCK
-            if BANDED:
-                # Group g (RATIO keys from RATIO·g, within the tile) adds to block g + i: plane i.
-                group = c0 // RATIO + tl.arange(0, BLOCK // RATIO)
-                p3 = tl.reshape(p, [ROWS, BLOCK // RATIO, RATIO])
-                o = tl.arange(0, RATIO)
-                for i in tl.static_range(PLANES):
-                    w = _band_weight(RATIO * (i + 1) - 1 - o, RATIO, QC)
-                    at = i * su_p + bh * su_bh + r[:, None] * su_r + (group + i)[None, :]
-                    tl.store(U + at, tl.sum(p3 * w[None, None, :], 2), mask=row_ok[:, None])
-            else:
-                # Blocks with terms in this tile: those whose home it is (plane 0), then the next tile's
-                # first ones (plane 1).
-                jb = (c0 + RATIO) // RATIO - 1 + tl.arange(0, NW)
-                w = _band_weight(RATIO * (jb[None, :] + 1) - 1 - c[:, None], RATIO, QC)
-                u = tl.dot(p, w, input_precision="ieee")
-                home = _home(jb, RATIO, BLOCK)
-                at = bh * su_bh + r[:, None] * su_r + jb[None, :]
-                tl.store(U + at, u, mask=row_ok[:, None] & (home == tile)[None, :])
-                tl.store(U + su_p + at, u, mask=row_ok[:, None] & (home == tile + 1)[None, :])
+            # Blocks with terms in this tile: those whose home it is (plane 0), then the next tile's
+            # first ones (plane 1).
+            jb = (c0 + RATIO) // RATIO - 1 + tl.arange(0, NW)
+            w = _band_weight(RATIO * (jb[None, :] + 1) - 1 - c[:, None], RATIO, QC)
+            u = tl.dot(p, w, input_precision="ieee")
+            home = _home(jb, RATIO, BLOCK)
+            at = bh * su_bh + r[:, None] * su_r + jb[None, :]
+            tl.store(U + at, u, mask=row_ok[:, None] & (home == tile)[None, :])
+            tl.store(U + su_p + at, u, mask=row_ok[:, None] & (home == tile + 1)[None, :])
             tl.store(MT + bh * smt_bh + tile * smt_t + r, m_i, mask=row_ok)
         _store_partial(PM, PL, PA, bh * n_split + pid, r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
     else:
@@ -271,7 +259,7 @@ def _select_kernel(
     HKV: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, CSTRIDE: tl.constexpr,
     CSPAN: tl.constexpr, SEL: tl.constexpr, BLOCK: tl.constexpr, RATIO: tl.constexpr, PB: tl.constexpr,
     NPART: tl.constexpr, TOPN: tl.constexpr, TOPNP: tl.constexpr, NKEYSP: tl.constexpr, CP: tl.constexpr,
-    PDL: tl.constexpr, BANDED: tl.constexpr, PLANES: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """Top n of blocks part·PB … of new token jq of one (b, KV head). With one part, they are the indices;
     otherwise the program stores its top TOPNP as sort keys in KEYS, and the last of the NPART programs to
@@ -296,8 +284,8 @@ def _select_kernel(
     at = bh * su_bh + r[:, None] * su_r + j[None, :]
     imp = tl.zeros([GP, PB], tl.float32)
     # Each plane's terms are relative to the maximum of the tile they lie in.
-    for i in tl.static_range(PLANES):
-        tile = tl.where(j >= i, RATIO * (j - i) // BLOCK, -1) if BANDED else _home(j, RATIO, BLOCK) - i
+    for i in tl.static_range(2):
+        tile = _home(j, RATIO, BLOCK) - i
         ok = g_ok[:, None] & (cand & (tile >= 0) & (tile < tiles))[None, :]
         u = tl.load(U + i * su_p + at, mask=ok, other=0.0)
         m_t = tl.load(MT + bh * smt_bh + tile[None, :] * smt_t + r[:, None], mask=ok, other=float("-inf"))
@@ -475,13 +463,8 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     n_chunks = n_sel + n_win
     f32 = dict(dtype=torch.float32, device=device)
     pdl = _use_pdl(device)
-    # Eq. 9 terms: with RATIO a power of two, each group of RATIO compressed keys lies in one tile and
-    # adds to its own block and the next PLANES − 1 (a sum over the group, no matrix product); otherwise
-    # a tile's terms go to the blocks whose home it is and to the next tile's first blocks (two planes).
-    banded = ratio & (ratio - 1) == 0
-    planes = (ratio + per_cmp - 2) // ratio + 1 if banded else 2
-    width = triton.cdiv(tiles * bc, ratio) + (planes if banded else nw)
-    pieces = _empty(planes, batch * hkv, rows_p, width, **f32)
+    # Eq. 9 terms, two planes: the blocks whose home a tile is, then the next tile's first blocks.
+    pieces = _empty(2, batch * hkv, rows_p, triton.cdiv(tiles * bc, ratio) + nw, **f32)
     tile_max = _empty(batch * hkv, tiles, rows_p, **f32)
     pm, pl = (_empty(batch * hkv, n_split, rows_p, **f32) for _ in range(2))
     pa = _empty(batch * hkv, n_split, rows_p, bdv, **f32)
@@ -509,7 +492,7 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         n, n_split, n_chunks, split_len, tc_bound, k_win.shape[1], scale_log2,
         HKV=hkv, GROUP=group, ROWS=rows_p, CSTRIDE=stride, CSPAN=length, BLOCK=bc, RATIO=ratio, QC=per_cmp,
         NW=nw, NSEL=n_sel, WINDOW=params.window, BWIN=BW, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
-        MERGE=parts > 1, BANDED=banded, PLANES=planes, num_warps=CMP_WARPS, maxnreg=CMP_MAXNREG or None,
+        MERGE=parts > 1, num_warps=CMP_WARPS, maxnreg=CMP_MAXNREG or None,
     )  # fmt: skip
     _select_kernel[(batch * hkv, n, parts)](
         pieces, tile_max, pm, pl, lens, keys, counts, indices,
@@ -519,7 +502,6 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         HKV=hkv, GROUP=group, GP=gp, ROWS=rows_p, CSTRIDE=stride, CSPAN=length, SEL=block, BLOCK=bc,
         RATIO=ratio, PB=part, NPART=parts, TOPN=top_n, TOPNP=top_np,
         NKEYSP=triton.next_power_of_2(parts * top_np), CP=triton.next_power_of_2(n_split), PDL=pdl,
-        BANDED=banded, PLANES=planes,
         num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
     _selected_kernel[(batch * hkv, n_sel)](
