@@ -22,7 +22,8 @@ so that the dense model can retrieve before it is converted (the paper's models 
 
 Writes OUT/results.json, OUT/dense (pretrained checkpoint), OUT/nsa (its conversion) and, when matplotlib
 is installed, OUT/perplexity.png and OUT/passkey.png.  Variants of the conversion and continued training
-(--continue-steps, --nsa-warmup-steps, --distill-selection, --gate-lr, --gate-cmp-logit, --passkey-frac)
+(--continue-steps, --nsa-warmup-steps, --distill-selection, --distill-pool, --gate-lr, --gate-cmp-logit,
+--passkey-frac)
 can start from one pretrained model: --dense OUT/dense.  --corpus DIR replaces the standard library by
 other Python sources.
 """
@@ -131,6 +132,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="add WEIGHT × the selection-distillation loss (nsa_convert.nn.training) to the NSA model's loss",
     )  # fmt: skip
     parser.add_argument(
+        "--distill-pool", type=int, default=1, metavar="P",
+        help="selection distillation draws P × its queries and scores the most retrieval-like (1: uniform)",
+    )  # fmt: skip
+    parser.add_argument(
         "--gate-lr", type=float, metavar="LR",
         help="the NSA gates' learning rate (default: the NSA rate; 0 keeps them as converted)",
     )  # fmt: skip
@@ -147,6 +152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.dense is not None and args.pretrain_steps is not None:
         parser.error("--pretrain-steps has no effect with --dense (no pretraining)")
+    if args.distill_pool < 1:
+        parser.error("--distill-pool must be ≥ 1")
     return args
 
 
@@ -241,16 +248,18 @@ def train(
     log: dict[str, list],
     only_new: int = 0,
     distill: float = 0.0,
+    distill_pool: int = 1,
     gate_lr: float | None = None,
 ) -> float:
     """Train for `steps` steps, the first `only_new` of them updating only NSA's new parameters (the rest
     frozen, as a warm-up; they then join at the schedule's rate of that step, with fresh AdamW moments);
-    with `distill` > 0, the loss adds distill × the selection-distillation term.  Logs every step's
+    with `distill` > 0, the loss adds distill × the selection-distillation term (its queries drawn from a
+    pool distill_pool times larger).  Logs every step's
     language-modelling loss ("lm"), gradient norm before clipping ("grad_norm") and distillation term
     ("distill", when on).  gate_lr: the gates' own rate (see `optimizer`).  Returns tokens per second
     after the first step (compilation excluded; frozen steps are cheaper)."""
     if distill:
-        enable_selection_distillation(model, DISTILL_QUERIES)
+        enable_selection_distillation(model, DISTILL_QUERIES, distill_pool)
     opt = optimizer(model, lr, nsa_lr, gate_lr)
     base = [g["lr"] for g in opt.param_groups]
     new = {id(p) for module in nsa_modules(model).values() for p in module.parameters()}
@@ -478,6 +487,7 @@ def main(argv: list[str] | None = None) -> dict:
         passkey_frac=args.passkey_frac,
         nsa_warmup_steps=args.nsa_warmup_steps,
         distill_selection=args.distill_selection,
+        distill_pool=args.distill_pool,
         gate_lr=args.gate_lr,
         gate_cmp_logit=args.gate_cmp_logit,
         dense=None if args.dense is None else str(args.dense),
@@ -549,6 +559,7 @@ def main(argv: list[str] | None = None) -> dict:
         "nsa_lr": preset.nsa_lr,
         "only_new": args.nsa_warmup_steps,
         "distill": args.distill_selection,
+        "distill_pool": args.distill_pool,
         "gate_lr": args.gate_lr,
     }
     for name, model, options in (

@@ -15,7 +15,8 @@ standard library's sources. The new parameters get their own learning rate (--ns
 trained closed the selected branch, and held gates gave a smaller perplexity gap at 16k);
 --warmup-nsa-only N trains only the new parameters for the first N steps. --distill-selection WEIGHT adds the
 selection-distillation term (nsa_convert.enable_selection_distillation: it trains the key compressors
-to rank blocks as full attention would, which top-n selection cannot learn from the loss). Each step
+to rank blocks as full attention would, which top-n selection cannot learn from the loss);
+--distill-pool P scores the most retrieval-like of P times as many drawn queries. Each step
 logs the loss and, per layer, the mean of each branch's sigmoid gate (cmp, slc, win).
 """
 
@@ -68,6 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--distill-queries", type=int, default=128, metavar="N",
         help="query positions per row and layer that selection distillation samples",
     )  # fmt: skip
+    parser.add_argument(
+        "--distill-pool", type=int, default=1, metavar="P",
+        help="draw P × --distill-queries positions and score the most retrieval-like (1: uniform)",
+    )  # fmt: skip
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1… (auto: cuda when available)")
     parser.add_argument(
         "--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 autocast on CUDA"
@@ -81,8 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.seq_len < 2 or args.batch_size < 1 or args.warmup_nsa_only < 0:
         parser.error("--steps, --seq-len (≥ 2), --batch-size must be positive, --warmup-nsa-only ≥ 0")
-    if args.distill_selection < 0 or args.distill_queries < 1:
-        parser.error("--distill-selection must be ≥ 0 and --distill-queries ≥ 1")
+    if args.distill_selection < 0 or args.distill_queries < 1 or args.distill_pool < 1:
+        parser.error("--distill-selection must be ≥ 0, --distill-queries and --distill-pool ≥ 1")
     if min(args.lr, args.nsa_lr, args.gate_lr or 0.0, args.weight_decay) < 0:
         parser.error("learning rates and --weight-decay must be ≥ 0")
     return args
@@ -163,7 +168,7 @@ def train(args: argparse.Namespace) -> list[dict]:
     model = nsa_convert.load(args.checkpoint, device=device, dtype=torch.float32, backend=args.backend)
     nsa_convert.enable_checkpointing(model)  # non-reentrant: selection distillation needs it
     if args.distill_selection:
-        nsa_convert.enable_selection_distillation(model, args.distill_queries)
+        nsa_convert.enable_selection_distillation(model, args.distill_queries, args.distill_pool)
     model.train()
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
 

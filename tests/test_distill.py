@@ -10,10 +10,13 @@ import torch
 import nsa_convert
 from nsa_convert import enable_selection_distillation, selection_distillation_loss
 from nsa_convert.api import nsa_modules
+from nsa_convert.nn.compression import BlockCompressor
 from nsa_convert.nn.distill import (
     block_attention_mass,
     compressed_importance,
+    distillation_term,
     first_ranked_position,
+    retrieval_focus,
     sample_positions,
     selection_kl,
 )
@@ -73,6 +76,51 @@ def test_kl_compares_the_ranked_blocks_only(rng):
     assert (kl > 0).all()
 
 
+def test_retrieval_focus_is_the_largest_ranked_block_mass(rng):
+    q, k, _, positions = _sequence(rng)
+    group = q.shape[1] // k.shape[1]
+    focus = retrieval_focus(q, k, positions, PARAMS)
+    for row, t in enumerate(positions.tolist()):
+        ranked = slice(1, t // PARAMS.block_size - 1)
+        expected = max(
+            max(_naive_mass(q[t, h * group : (h + 1) * group], k[:, h], t, group)[ranked])
+            for h in range(k.shape[1])
+        )
+        assert math.isclose(float(focus[row]), expected, rel_tol=1e-5)
+
+
+def test_a_pool_scores_the_queries_that_retrieve(rng):
+    """Queries planted to attend to one distant key are the ones a large pool keeps: the term equals the
+    mean KL at exactly those positions, wherever they lie among the documents."""
+    q, k, _, _ = _sequence(rng, seq_len=300)
+    k_raw = torch.randn(300, 2, 16, generator=rng, dtype=torch.float64)
+    documents = [(0, 150), (150, 150)]
+    planted = {0: [101, 138], 1: [97]}  # positions within each document
+    for doc, spots in planted.items():
+        start = documents[doc][0]
+        for t in spots:
+            key = start + 20 + t % 9  # in block 1: ranked for every planted position
+            q[start + t] = 6 * k[key].repeat_interleave(q.shape[1] // k.shape[1], dim=0)
+    compressor = BlockCompressor(16, PARAMS.compress_block, PARAMS.compress_stride).double()
+    with torch.no_grad():  # away from the block mean, so that importance and target differ
+        compressor.fc1.weight.normal_(0.0, 0.05, generator=rng)
+
+    torch.manual_seed(3)
+    term = distillation_term(q, k, k_raw, documents, 3, compressor, PARAMS, pool=1000)
+    expected = []
+    for (start, _), spots in zip(documents, planted.values(), strict=True):
+        span = slice(start, start + max(spots) + 1)
+        k_cmp = compressor(k_raw[span][None])[0]
+        expected.append(selection_kl(q[span], k[span], k_cmp, torch.tensor(spots), PARAMS))
+    torch.testing.assert_close(term, torch.cat(expected).mean(), rtol=1e-6, atol=0)
+
+    torch.manual_seed(3)  # pool 1: the uniform draw, as without a pool
+    uniform = distillation_term(q, k, k_raw, documents, 3, compressor, PARAMS)
+    torch.manual_seed(3)
+    assert torch.equal(uniform, distillation_term(q, k, k_raw, documents, 3, compressor, PARAMS, pool=1))
+    assert not torch.isclose(uniform, term)
+
+
 def test_sampled_positions_are_distinct_ranked_and_spread_over_documents():
     torch.manual_seed(0)
     first = first_ranked_position(PARAMS)
@@ -109,9 +157,10 @@ def test_gradient_reaches_only_the_key_compressors(small_converted, rng):
     assert all(grad.abs().sum() > 0 for name, grad in grads.items() if name.endswith("fc1.weight"))
 
 
-def test_term_is_the_same_packed_left_padded_and_under_checkpointing(small_converted, rng):
+@pytest.mark.parametrize("pool", [1, 4])
+def test_term_is_the_same_packed_left_padded_and_under_checkpointing(small_converted, rng, pool):
     model = nsa_convert.load(small_converted, dtype=torch.float64)
-    enable_selection_distillation(model, queries=8)
+    enable_selection_distillation(model, queries=8, pool=pool)
     ids = torch.randint(0, VOCAB, (1, 130), generator=rng)
     term, grads = _term_and_grads(model, ids)
 
@@ -170,3 +219,5 @@ def test_misuse_fails_with_a_clear_message(small_converted, rng):
         selection_distillation_loss(model)
     with pytest.raises(ValueError, match="no NSA layers"):
         enable_selection_distillation(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="pool"):
+        enable_selection_distillation(model, queries=4, pool=0)

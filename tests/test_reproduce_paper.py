@@ -235,12 +235,23 @@ def test_a_variant_starts_from_the_pretrained_checkpoint(run, tmp_path):
     """--dense skips pretraining: the same dense model, evaluated alike, then converted and continued."""
     out, first = run
     args = ["--out", str(tmp_path), "--preset", "tiny", "--dense", str(out / "dense")]
-    results = script.main([*args, "--nsa-warmup-steps", "2", "--distill-selection", "0.5", "--gate-lr", "0"])
+    variant = [
+        "--nsa-warmup-steps",
+        "2",
+        "--distill-selection",
+        "0.5",
+        "--distill-pool",
+        "2",
+        "--gate-lr",
+        "0",
+    ]
+    results = script.main([*args, *variant])
     assert results["models"]["dense"] == first["models"]["dense"]
     assert results["models"]["nsa_converted"] == first["models"]["nsa_converted"]
     assert "pretrain" not in results["losses"] and "pretrain" not in results["seconds"]
     assert results["settings"]["nsa_warmup_steps"] == 2 and results["settings"]["dense"] == str(out / "dense")
     assert results["settings"]["distill_selection"] == 0.5 and results["settings"]["gate_lr"] == 0.0
+    assert results["settings"]["distill_pool"] == 2
     assert (
         results["models"]["nsa_continued"]["gates_at_answer"]
         == first["models"]["nsa_converted"]["gates_at_answer"]

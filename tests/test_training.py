@@ -157,15 +157,17 @@ def test_gate_lr_zero_holds_the_gates_while_the_rest_trains(checkpoint, texts, t
     assert moved and all(not torch.equal(after[name], before[name]) for name in moved)
 
 
-def test_selection_distillation_adds_its_term_on_packed_rows(checkpoint, tmp_path):
+@pytest.mark.parametrize("pool", ["1", "3"])
+def test_selection_distillation_adds_its_term_on_packed_rows(checkpoint, tmp_path, pool):
     """Documents long enough that every packed row holds one past the first ranked position (n·l' = 64)."""
     source = (Path(sysconfig.get_paths()["stdlib"]) / "os.py").read_text()
     (tmp_path / "data").mkdir()
     for i in range(6):
         (tmp_path / "data" / f"{i}.txt").write_text(source[3000 * i : 3000 * i + 500])
     history = run(
-        checkpoint, tmp_path / "data", tmp_path / "distilled", "--steps", "2", "--distill-selection", "0.5"
-    )
+        checkpoint, tmp_path / "data", tmp_path / "distilled", "--steps", "2", "--distill-selection", "0.5",
+        "--distill-pool", pool,
+    )  # fmt: skip
     assert all(0 < record["selection_kl"] < 10 for record in history)
     assert "selection KL" in example.format_record(history[0], 2)
 

@@ -88,6 +88,7 @@ class NSAttention(nn.Module):
         self._hidden: torch.Tensor | None = None
         self._cache_layer: NSACacheLayer | None = None
         self.distill_queries = 0
+        self.distill_pool = 1
         self.distill_term: torch.Tensor | None = None
         self.reset_gate()
 
@@ -186,8 +187,9 @@ class NSAttention(nn.Module):
         with the tokens of `rows` batch rows flattened, documents (start, length) in them."""
         self.distill_term = None
         if torch.is_grad_enabled():
+            count = self.distill_queries * rows
             term = distillation_term(
-                q, k_slc, k_cmp, documents, self.distill_queries * rows, self.compress_k, self.params
+                q, k_slc, k_cmp, documents, count, self.compress_k, self.params, self.distill_pool
             )
             # Checkpointing recomputes this call inside backward: the term must be recomputed (its saved
             # tensors are what backward unpacks) but not kept, or its graph would outlive the step.

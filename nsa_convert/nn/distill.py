@@ -13,6 +13,11 @@ selection ranks (not the forced initial, previous and current blocks, nor future
 KL divergence.  Its gradient reaches only the key compressor φ_K: queries and raw keys are detached, so
 the model's own projections learn nothing from it.
 
+Uniformly sampled queries of ordinary text spread their distant attention thinly; the queries that
+retrieve (a passkey's answer, a call of a function defined far back) put much of theirs on one block.
+With a pool of p > 1, each layer draws p times as many positions and keeps the most retrieval-like:
+those whose full attention puts the largest mass on a single ranked block (`retrieval_focus`).
+
 This module computes the term for one layer (NSAttention calls it); nsa_convert.nn.training turns it on
 for a model and collects it.
 """
@@ -70,6 +75,35 @@ def compressed_importance(
     return block_importance(_group_probs(q, k_cmp, hidden, params).sum(dim=2), num_blocks, params)
 
 
+def ranked_blocks(positions: torch.Tensor, num_blocks: int, params: SparsityParams) -> torch.Tensor:
+    """The blocks each position's selection ranks, 1 … ⌊t/l'⌋ − 2 (not block 0, the previous or the
+    current one): (P, num_blocks) bool."""
+    current = positions.div(params.block_size, rounding_mode="floor")
+    index = torch.arange(num_blocks, device=positions.device)
+    return (index >= 1) & (index <= current[:, None] - 2)
+
+
+def _chunk(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Query positions per chunk that keep a chunk's scores under MAX_CHUNK_SCORES."""
+    return max(1, MAX_CHUNK_SCORES // (q.shape[1] * k.shape[0]))
+
+
+@torch.no_grad()
+def retrieval_focus(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, params: SparsityParams
+) -> torch.Tensor:
+    """How much each query retrieves: the largest mass full attention puts on one ranked block, over the
+    KV heads' groups.  One sequence: q (T, Hq, Dk), k (T, Hkv, Dk), positions (P,).  Returns (P,) float32."""
+    num_blocks = num_selection_blocks(k.shape[0], params.block_size)
+    size = _chunk(q, k)
+    parts = []
+    for start in range(0, positions.shape[0], size):
+        at = positions[start : start + size]
+        mass = block_attention_mass(q[at], k, at, params) * ranked_blocks(at, num_blocks, params)[:, None]
+        parts.append(mass.amax(dim=(1, 2)))
+    return torch.cat(parts)
+
+
 def selection_kl(
     q: torch.Tensor, k: torch.Tensor, k_cmp: torch.Tensor, positions: torch.Tensor, params: SparsityParams
 ) -> torch.Tensor:
@@ -81,10 +115,8 @@ def selection_kl(
     with a gradient with respect to k_cmp only.
     """
     num_blocks = num_selection_blocks(k.shape[0], params.block_size)
-    current = positions.div(params.block_size, rounding_mode="floor")
-    index = torch.arange(num_blocks, device=k.device)
-    ranked = ((index >= 1) & (index <= current[:, None] - 2))[:, None, :]
-    size = max(1, MAX_CHUNK_SCORES // (q.shape[1] * k.shape[0]))
+    ranked = ranked_blocks(positions, num_blocks, params)[:, None, :]
+    size = _chunk(q, k)
     parts = []
     for start in range(0, positions.shape[0], size):
         at = positions[start : start + size]
@@ -127,15 +159,19 @@ def distillation_term(
     count: int,
     compressor: BlockCompressor,
     params: SparsityParams,
+    pool: int = 1,
 ) -> torch.Tensor:
     """The mean selection KL over `count` query positions sampled across the documents of one call.
 
     q (N, Hq, Dk), k (N, Hkv, Dk) selection keys and k_cmp_raw (N, Hkv, Dk) the compression branch's keys,
     tokens flattened; documents: (start, length) of each sequence in them; compressor: the layer's φ_K,
-    applied to each sampled document's detached keys.  0 (no gradient) when no document is long enough.
+    applied to each sampled document's detached keys; pool: draw pool × count positions and keep the
+    count with the highest `retrieval_focus`.  0 (no gradient) when no document is long enough.
     """
     total, terms = q.new_zeros((), dtype=torch.float32), 0
-    positions = sample_positions([length for _, length in documents], count, params)
+    positions = sample_positions([length for _, length in documents], count * pool, params)
+    if pool > 1:
+        positions = _most_focused(q, k, documents, positions, count, params)
     for (start, _), at in zip(documents, positions, strict=True):
         if at.numel() == 0:
             continue
@@ -145,3 +181,28 @@ def distillation_term(
             kl = selection_kl(q[span], k[span], k_cmp, at.to(q.device), params)
         total, terms = total + kl.sum(), terms + kl.numel()
     return total / max(terms, 1)
+
+
+def _most_focused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    documents: list[tuple[int, int]],
+    positions: list[torch.Tensor],
+    count: int,
+    params: SparsityParams,
+) -> list[torch.Tensor]:
+    """Of the positions drawn in each document, the `count` with the highest retrieval focus over all
+    documents (ties to the earlier draw), per document and sorted as `sample_positions` returns them."""
+    focus = []
+    with torch.autocast(q.device.type, enabled=False):  # float32 scores, not autocast's half
+        for (start, _), at in zip(documents, positions, strict=True):
+            if at.numel() == 0:
+                focus.append(torch.empty(0))
+                continue
+            span = slice(start, start + int(at.max()) + 1)
+            focus.append(retrieval_focus(q[span], k[span], at.to(q.device), params).cpu())
+    order = torch.cat(focus).argsort(descending=True, stable=True)
+    keep = torch.zeros(order.numel(), dtype=torch.bool)
+    keep[order[:count]] = True
+    masks = keep.split([at.numel() for at in positions])
+    return [at[mask] for at, mask in zip(positions, masks, strict=True)]

@@ -26,19 +26,23 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def enable_selection_distillation(model: nn.Module, queries: int = 128) -> None:
+def enable_selection_distillation(model: nn.Module, queries: int = 128, pool: int = 1) -> None:
     """Make every NSA layer score its selection against full attention in forward passes with gradients.
 
-    queries: positions sampled per batch row and layer (shared by the documents packed into a row);
-    0 turns distillation off.
+    queries: positions scored per batch row and layer (shared by the documents packed into a row);
+    0 turns distillation off.  pool: draw pool × queries positions and score the queries most
+    retrieval-like of them (nsa_convert.nn.distill.retrieval_focus); 1 scores uniformly drawn ones.
     """
     if queries < 0:
         raise ValueError(f"queries must be ≥ 0, got {queries}")
+    if pool < 1:
+        raise ValueError(f"pool must be ≥ 1, got {pool}")
     layers = list(nsa_modules(model).values())
     if not layers:
         raise ValueError("the model has no NSA layers: load a converted checkpoint with nsa_convert.load")
     for layer in layers:
         layer.distill_queries = queries
+        layer.distill_pool = pool
         layer.distill_term = None
 
 
