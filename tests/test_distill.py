@@ -10,6 +10,7 @@ import torch
 import nsa_convert
 from nsa_convert import enable_selection_distillation, selection_distillation_loss
 from nsa_convert.api import nsa_modules
+from nsa_convert.nn import distill
 from nsa_convert.nn.compression import BlockCompressor
 from nsa_convert.nn.distill import (
     block_attention_mass,
@@ -61,7 +62,9 @@ def test_target_and_importance_match_float64_loops(rng):
             torch.testing.assert_close(importance[row, h], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_kl_compares_the_ranked_blocks_only(rng):
+@pytest.mark.parametrize("chunk_scores", [1 << 24, 6 * 150])  # one chunk; one position per chunk
+def test_kl_compares_the_ranked_blocks_only(rng, monkeypatch, chunk_scores):
+    monkeypatch.setattr(distill, "MAX_CHUNK_SCORES", chunk_scores)
     q, k, k_cmp, positions = _sequence(rng)
     kl = selection_kl(q, k, k_cmp, positions, PARAMS)
     mass = block_attention_mass(q[positions], k, positions, PARAMS).double()
@@ -76,17 +79,28 @@ def test_kl_compares_the_ranked_blocks_only(rng):
     assert (kl > 0).all()
 
 
-def test_retrieval_focus_is_the_largest_ranked_block_mass(rng):
-    q, k, _, positions = _sequence(rng)
+@pytest.mark.parametrize("chunk_scores", [1 << 24, 6 * 150])  # one chunk; one position per chunk
+def test_retrieval_focus_is_the_peak_over_the_mean_distant_block_mass(rng, monkeypatch, chunk_scores):
+    monkeypatch.setattr(distill, "MAX_CHUNK_SCORES", chunk_scores)
+    q, k, _, _ = _sequence(rng)
+    positions = torch.tensor([first_ranked_position(PARAMS), 97, 131, 149])
     group = q.shape[1] // k.shape[1]
+    q[131] = 6 * k[40].repeat_interleave(group, dim=0)  # every head attends to one key, in block 2
     focus = retrieval_focus(q, k, positions, PARAMS)
-    for row, t in enumerate(positions.tolist()):
-        ranked = slice(1, t // PARAMS.block_size - 1)
-        expected = max(
-            max(_naive_mass(q[t, h * group : (h + 1) * group], k[:, h], t, group)[ranked])
-            for h in range(k.shape[1])
-        )
-        assert math.isclose(float(focus[row]), expected, rel_tol=1e-5)
+    expected = []
+    for t in positions.tolist():
+        # ranked (1 … ⌊t/l'⌋ − 2) and wholly before the window
+        distant = [j for j in range(1, t // PARAMS.block_size - 1) if (j + 1) * 16 <= t - PARAMS.window + 1]
+        best = 0.0
+        for h in range(k.shape[1]):
+            mass = _naive_mass(q[t, h * group : (h + 1) * group], k[:, h], t, group)
+            if len(distant) >= 2:
+                masses = [mass[j] for j in distant]
+                best = max(best, max(masses) / (sum(masses) / len(masses)))
+        expected.append(best)
+    # t = 64 has one distant block; t = 131 has five, and its attention is nearly all on one of them
+    assert expected[0] == 0.0 and 4 < expected[2] <= 5 and max(expected[1], expected[3]) < expected[2]
+    torch.testing.assert_close(focus, torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=0)
 
 
 def test_a_pool_scores_the_queries_that_retrieve(rng):
@@ -161,6 +175,7 @@ def test_gradient_reaches_only_the_key_compressors(small_converted, rng):
 def test_term_is_the_same_packed_left_padded_and_under_checkpointing(small_converted, rng, pool):
     model = nsa_convert.load(small_converted, dtype=torch.float64)
     enable_selection_distillation(model, queries=8, pool=pool)
+    assert all(layer.distill_pool == pool for layer in nsa_modules(model).values())
     ids = torch.randint(0, VOCAB, (1, 130), generator=rng)
     term, grads = _term_and_grads(model, ids)
 
@@ -186,6 +201,17 @@ def test_term_is_the_same_packed_left_padded_and_under_checkpointing(small_conve
         assert other_grads.keys() == grads.keys()
         for name, grad in grads.items():
             torch.testing.assert_close(other_grads[name], grad, msg=name)
+
+
+def test_a_pool_reaches_the_layers(small_converted, rng):
+    """The same draw of positions, scored uniformly and through a pool: a different term."""
+    model = nsa_convert.load(small_converted, dtype=torch.float64)
+    ids = torch.randint(0, VOCAB, (1, 140), generator=rng)
+    terms = []
+    for pool in (1, 4):
+        enable_selection_distillation(model, queries=4, pool=pool)
+        terms.append(_term_and_grads(model, ids)[0])
+    assert not torch.isclose(terms[0], terms[1])
 
 
 def test_training_the_compressors_on_it_lowers_it(small_converted, rng):

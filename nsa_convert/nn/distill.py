@@ -16,7 +16,7 @@ the model's own projections learn nothing from it.
 Uniformly sampled queries of ordinary text spread their distant attention thinly; the queries that
 retrieve (a passkey's answer, a call of a function defined far back) put much of theirs on one block.
 With a pool of p > 1, each layer draws p times as many positions and keeps the most retrieval-like:
-those whose full attention puts the largest mass on a single ranked block (`retrieval_focus`).
+those whose full attention picks one block before the window most sharply (`retrieval_focus`).
 
 This module computes the term for one layer (NSAttention calls it); nsa_convert.nn.training turns it on
 for a model and collects it.
@@ -92,15 +92,26 @@ def _chunk(q: torch.Tensor, k: torch.Tensor) -> int:
 def retrieval_focus(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, params: SparsityParams
 ) -> torch.Tensor:
-    """How much each query retrieves: the largest mass full attention puts on one ranked block, over the
-    KV heads' groups.  One sequence: q (T, Hq, Dk), k (T, Hkv, Dk), positions (P,).  Returns (P,) float32."""
+    """How sharply each query's full attention picks one distant block, the highest over the KV heads.
+
+    Over the ranked blocks that lie wholly before the query's window: the largest block mass over their
+    mean mass (1 when attention is spread evenly, up to their number when it falls on one block), 0 with
+    fewer than two such blocks.  A ratio, so that early positions, whose blocks each hold more of a
+    diffuse query's mass, are not preferred.  One sequence: q (T, Hq, Dk), k (T, Hkv, Dk), positions (P,).
+    Returns (P,) float32.
+    """
     num_blocks = num_selection_blocks(k.shape[0], params.block_size)
+    ends = (torch.arange(num_blocks, device=k.device) + 1) * params.block_size
     size = _chunk(q, k)
     parts = []
-    for start in range(0, positions.shape[0], size):
-        at = positions[start : start + size]
-        mass = block_attention_mass(q[at], k, at, params) * ranked_blocks(at, num_blocks, params)[:, None]
-        parts.append(mass.amax(dim=(1, 2)))
+    with torch.autocast(q.device.type, enabled=False):  # float32 scores, not autocast's half
+        for start in range(0, positions.shape[0], size):
+            at = positions[start : start + size]
+            distant = ranked_blocks(at, num_blocks, params) & (ends <= at[:, None] - params.window + 1)
+            mass = block_attention_mass(q[at], k, at, params) * distant[:, None]
+            count = distant.sum(dim=-1, keepdim=True)
+            focus = mass.amax(dim=-1) * count / mass.sum(dim=-1).clamp_min(1e-30)
+            parts.append(torch.where(count >= 2, focus, 0.0).amax(dim=-1))
     return torch.cat(parts)
 
 
@@ -170,7 +181,7 @@ def distillation_term(
     """
     total, terms = q.new_zeros((), dtype=torch.float32), 0
     positions = sample_positions([length for _, length in documents], count * pool, params)
-    if pool > 1:
+    if pool > 1 and sum(at.numel() for at in positions) > count:
         positions = _most_focused(q, k, documents, positions, count, params)
     for (start, _), at in zip(documents, positions, strict=True):
         if at.numel() == 0:
@@ -192,16 +203,14 @@ def _most_focused(
     params: SparsityParams,
 ) -> list[torch.Tensor]:
     """Of the positions drawn in each document, the `count` with the highest retrieval focus over all
-    documents (ties to the earlier draw), per document and sorted as `sample_positions` returns them."""
-    focus = []
-    with torch.autocast(q.device.type, enabled=False):  # float32 scores, not autocast's half
-        for (start, _), at in zip(documents, positions, strict=True):
-            if at.numel() == 0:
-                focus.append(torch.empty(0))
-                continue
+    documents (ties to the earlier document, then position), per document and sorted.  Activation
+    checkpointing recomputes the choice from the same inputs, with the same result."""
+    focus = [torch.zeros(0, device=q.device)]
+    for (start, _), at in zip(documents, positions, strict=True):
+        if at.numel():
             span = slice(start, start + int(at.max()) + 1)
-            focus.append(retrieval_focus(q[span], k[span], at.to(q.device), params).cpu())
-    order = torch.cat(focus).argsort(descending=True, stable=True)
+            focus.append(retrieval_focus(q[span], k[span], at.to(q.device), params))
+    order = torch.cat(focus).cpu().argsort(descending=True, stable=True)
     keep = torch.zeros(order.numel(), dtype=torch.bool)
     keep[order[:count]] = True
     masks = keep.split([at.numel() for at in positions])

@@ -30,8 +30,9 @@ def enable_selection_distillation(model: nn.Module, queries: int = 128, pool: in
     """Make every NSA layer score its selection against full attention in forward passes with gradients.
 
     queries: positions scored per batch row and layer (shared by the documents packed into a row);
-    0 turns distillation off.  pool: draw pool × queries positions and score the queries most
-    retrieval-like of them (nsa_convert.nn.distill.retrieval_focus); 1 scores uniformly drawn ones.
+    0 turns distillation off.  pool: draw pool times as many positions and score the queries × rows most
+    retrieval-like of them, wherever they lie in the batch (nsa_convert.nn.distill.retrieval_focus);
+    1 scores uniformly drawn ones.
     """
     if queries < 0:
         raise ValueError(f"queries must be ≥ 0, got {queries}")
