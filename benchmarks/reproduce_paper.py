@@ -254,10 +254,10 @@ def train(
     """Train for `steps` steps, the first `only_new` of them updating only NSA's new parameters (the rest
     frozen, as a warm-up; they then join at the schedule's rate of that step, with fresh AdamW moments);
     with `distill` > 0, the loss adds distill × the selection-distillation term (its queries drawn from a
-    pool distill_pool times larger).  Logs every step's
-    language-modelling loss ("lm"), gradient norm before clipping ("grad_norm") and distillation term
-    ("distill", when on).  gate_lr: the gates' own rate (see `optimizer`).  Returns tokens per second
-    after the first step (compilation excluded; frozen steps are cheaper)."""
+    pool distill_pool times larger).  Logs every step's language-modelling loss ("lm"), gradient norm
+    before clipping ("grad_norm") and distillation term ("distill", when on).  gate_lr: the gates' own
+    rate (see `optimizer`).  Returns tokens per second after the first step (compilation excluded; frozen
+    steps are cheaper)."""
     if distill:
         enable_selection_distillation(model, DISTILL_QUERIES, distill_pool)
     opt = optimizer(model, lr, nsa_lr, gate_lr)

@@ -90,7 +90,11 @@ def test_retrieval_focus_is_the_peak_over_the_mean_distant_block_mass(rng, monke
     expected = []
     for t in positions.tolist():
         # ranked (1 … ⌊t/l'⌋ − 2) and wholly before the window
-        distant = [j for j in range(1, t // PARAMS.block_size - 1) if (j + 1) * 16 <= t - PARAMS.window + 1]
+        distant = [
+            j
+            for j in range(1, t // PARAMS.block_size - 1)
+            if (j + 1) * PARAMS.block_size <= t - PARAMS.window + 1
+        ]
         best = 0.0
         for h in range(k.shape[1]):
             mass = _naive_mass(q[t, h * group : (h + 1) * group], k[:, h], t, group)

@@ -235,17 +235,8 @@ def test_a_variant_starts_from_the_pretrained_checkpoint(run, tmp_path):
     """--dense skips pretraining: the same dense model, evaluated alike, then converted and continued."""
     out, first = run
     args = ["--out", str(tmp_path), "--preset", "tiny", "--dense", str(out / "dense")]
-    variant = [
-        "--nsa-warmup-steps",
-        "2",
-        "--distill-selection",
-        "0.5",
-        "--distill-pool",
-        "2",
-        "--gate-lr",
-        "0",
-    ]
-    results = script.main([*args, *variant])
+    distill = ["--distill-selection", "0.5", "--distill-pool", "2"]
+    results = script.main([*args, "--nsa-warmup-steps", "2", *distill, "--gate-lr", "0"])
     assert results["models"]["dense"] == first["models"]["dense"]
     assert results["models"]["nsa_converted"] == first["models"]["nsa_converted"]
     assert "pretrain" not in results["losses"] and "pretrain" not in results["seconds"]
