@@ -73,6 +73,9 @@ CMP_WARPS = 4
 CMP_MAXNREG = 0
 """Registers per thread the compressed + window programs are held to (0: as the compiler likes; at 168 on
 the H100, three programs fit per multiprocessor, at 128 four)."""
+LATE_WINDOW = 0
+"""1: the window tiles run in the slot launch, beside the select launch (they need no selection), instead
+of in the compressed launch, beside the compressed slices."""
 POISON = False
 """Tests set this to fill every buffer the kernels must write with NaN (or −7777 for indices) first."""
 
@@ -152,6 +155,26 @@ def _merge_branch(PM, PL, PA, first, count, r, r_ok, dv, CP: tl.constexpr, CCH: 
 
 
 @triton.jit
+def _window_tile(q, KW, VW, PM2, PL2, PA2, skw_t, svw_t, i, slot, length, n_new, rows_w, scale_log2, r, row_ok,
+                 t, dk, dv, WINDOW: tl.constexpr, BWIN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                 ROWS: tl.constexpr, BDV: tl.constexpr):  # fmt: skip
+    """Window tile i (BWIN keys from the first any new token sees) of one (b, KV head), stored as partial
+    `slot`; KW and VW point at that (b, KV head)'s window keys and values."""
+    p = tl.maximum(length - n_new - WINDOW + 1, 0) + i * BWIN + tl.arange(0, BWIN)
+    p_ok = p < length
+    row = (rows_w - length + p).to(tl.int64)
+    kt = tl.load(KW + row[None, :] * skw_t + dk[:, None], mask=p_ok[None, :] & (dk[:, None] < DK), other=0.0)
+    vv = tl.load(VW + row[:, None] * svw_t + dv[None, :], mask=p_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    s = tl.dot(q, kt) * scale_log2
+    vis = row_ok[:, None] & p_ok[None, :] & (p[None, :] <= t[:, None]) & (p[None, :] > t[:, None] - WINDOW)
+    m_i = tl.full([ROWS], -1.0e30, tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BDV], tl.float32)
+    m_i, l_i, acc, _ = _online(m_i, l_i, acc, tl.where(vis, s, float("-inf")), vv)
+    _store_partial(PM2, PL2, PA2, slot, r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
+
+
+@triton.jit
 def _cmp_window_kernel(
     Q, KC, VC, KW, VW, LENS, U, MT, PM, PL, PA, PM2, PL2, PA2, COUNT,
     sq_b, sq_t, sq_h, skc_b, skc_t, skc_h, svc_b, svc_t, svc_h, skw_b, skw_t, skw_h, svw_b, svw_t, svw_h,
@@ -160,9 +183,10 @@ def _cmp_window_kernel(
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, CSTRIDE: tl.constexpr, CSPAN: tl.constexpr,
     BLOCK: tl.constexpr, RATIO: tl.constexpr, QC: tl.constexpr, NW: tl.constexpr, NSEL: tl.constexpr,
     WINDOW: tl.constexpr, BWIN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
-    BDV: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr,
+    BDV: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr, LATE_WIN: tl.constexpr,
 ):  # fmt: skip
-    """Program (b·HKV + h, i): compressed slice i (i < n_split) or window tile i − n_split of one (b, h)."""
+    """Program (b·HKV + h, i): compressed slice i (i < n_split) or, unless LATE_WIN, window tile i − n_split
+    of one (b, h)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     bh = tl.program_id(0)
@@ -184,10 +208,10 @@ def _cmp_window_kernel(
         mask=row_ok[:, None] & (dk[None, :] < DK),
         other=0.0,
     )
-    m_i = tl.full([ROWS], -1.0e30, tl.float32)
-    l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, BDV], tl.float32)
     if pid < n_split:
+        m_i = tl.full([ROWS], -1.0e30, tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, BDV], tl.float32)
         nvis = tl.minimum(tl.where(row_ok, n_visible(t, CSTRIDE, CSPAN), 0), tc_bound)
         lo = pid * split_len
         hi = tl.minimum(lo + split_len, tl.max(nvis, 0))
@@ -221,27 +245,12 @@ def _cmp_window_kernel(
             tl.store(U + su_p + at, u, mask=row_ok[:, None] & (home == tile + 1)[None, :])
             tl.store(MT + bh * smt_bh + tile * smt_t + r, m_i, mask=row_ok)
         _store_partial(PM, PL, PA, bh * n_split + pid, r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
-    else:
-        chunk = NSEL + pid - n_split
-        p = tl.maximum(length - n_new - WINDOW + 1, 0) + (pid - n_split) * BWIN + tl.arange(0, BWIN)
-        p_ok = p < length
-        row = (rows_w - length + p).to(tl.int64)
-        kt = tl.load(
-            KW + b64 * skw_b + h * skw_h + row[None, :] * skw_t + dk[:, None],
-            mask=p_ok[None, :] & (dk[:, None] < DK),
-            other=0.0,
-        )
-        vv = tl.load(
-            VW + b64 * svw_b + h * svw_h + row[:, None] * svw_t + dv[None, :],
-            mask=p_ok[:, None] & (dv[None, :] < DV),
-            other=0.0,
-        )
-        s = tl.dot(q, kt) * scale_log2
-        vis = (
-            row_ok[:, None] & p_ok[None, :] & (p[None, :] <= t[:, None]) & (p[None, :] > t[:, None] - WINDOW)
-        )
-        m_i, l_i, acc, _ = _online(m_i, l_i, acc, tl.where(vis, s, float("-inf")), vv)
-        _store_partial(PM2, PL2, PA2, bh * n_chunks + chunk, r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
+    elif not LATE_WIN:
+        _window_tile(
+            q, KW + b64 * skw_b + h * skw_h, VW + b64 * svw_b + h * svw_h, PM2, PL2, PA2, skw_t, svw_t,
+            pid - n_split, bh * n_chunks + NSEL + pid - n_split, length, n_new, rows_w, scale_log2, r,
+            row_ok, t, dk, dv, WINDOW, BWIN, DK, DV, ROWS, BDV,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -312,18 +321,25 @@ def _select_kernel(
 
 @triton.jit
 def _selected_kernel(
-    Q, K, V, IDX, LENS, PM2, PL2, PA2,
-    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, si_b, si_t, si_h,
-    n_new, n_chunks, rows_k, scale_log2,
+    Q, K, V, KW, VW, IDX, LENS, PM2, PL2, PA2,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, skw_b, skw_t, skw_h, svw_b, svw_t, svw_h,
+    si_b, si_t, si_h,
+    n_new, n_sel, n_chunks, rows_k, rows_w, scale_log2,
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr,
-    SLOTS: tl.constexpr, GATHER: tl.constexpr, TOPN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, PDL: tl.constexpr,
+    SLOTS: tl.constexpr, GATHER: tl.constexpr, TOPN: tl.constexpr, WINDOW: tl.constexpr, BWIN: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """Slots i·SLOTS … of one (b, KV head) (each new token's indices, ascending), and their partial."""
+    """Program (b·HKV + h, i): slots i·SLOTS … of one (b, KV head) (each new token's indices, ascending) and
+    their partial, or for i ≥ n_sel window tile i − n_sel, which needs no selection: it does not wait for
+    the select launch, so it runs while that one does."""
+    pid = tl.program_id(1)
     if PDL:
-        _wait_then_release()
+        if pid < n_sel:
+            _wait_then_release()
+        else:
+            tl.extra.cuda.gdc_launch_dependents()
     bh = tl.program_id(0)
-    first = tl.program_id(1) * SLOTS
+    first = pid * SLOTS
     b = bh // HKV
     h = bh % HKV
     length = tl.load(LENS + b)
@@ -338,34 +354,42 @@ def _selected_kernel(
         mask=row_ok[:, None] & (dk[None, :] < DK),
         other=0.0,
     )
-    m_i = tl.full([ROWS], -1.0e30, tl.float32)
-    l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, BDV], tl.float32)
-    kb = tl.arange(0, GATHER * BS)
-    within = kb % BS
-    k_base = K + b64 * sk_b + h * sk_h
-    v_base = V + b64 * sv_b + h * sv_h
-    for jq in range(n_new):
-        for g0 in range(0, SLOTS, GATHER):
-            slot = first + g0 + kb // BS
-            blk = tl.load(IDX + b * si_b + jq * si_t + h * si_h + slot, mask=slot < TOPN, other=-1)
-            p = blk * SEL + within
-            p_ok = (blk >= 0) & (within < SEL) & (p <= length - n_new + jq)
-            row = rows_k - length + p
-            kt = tl.load(
-                k_base + row[None, :] * sk_t + dk[:, None],
-                mask=p_ok[None, :] & (dk[:, None] < DK),
-                other=0.0,
-            )
-            vv = tl.load(
-                v_base + row[:, None] * sv_t + dv[None, :],
-                mask=p_ok[:, None] & (dv[None, :] < DV),
-                other=0.0,
-            )
-            s = tl.dot(q, kt) * scale_log2
-            s = tl.where((row_ok & (jr == jq))[:, None] & p_ok[None, :], s, float("-inf"))
-            m_i, l_i, acc, _ = _online(m_i, l_i, acc, s, vv)
-    _store_partial(PM2, PL2, PA2, bh * n_chunks + tl.program_id(1), r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
+    if pid >= n_sel:
+        t = length - n_new + jr
+        _window_tile(
+            q, KW + b64 * skw_b + h * skw_h, VW + b64 * svw_b + h * svw_h, PM2, PL2, PA2, skw_t, svw_t,
+            pid - n_sel, bh * n_chunks + pid, length, n_new, rows_w, scale_log2, r, row_ok, t, dk, dv,
+            WINDOW, BWIN, DK, DV, ROWS, BDV,
+        )  # fmt: skip
+    else:
+        m_i = tl.full([ROWS], -1.0e30, tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, BDV], tl.float32)
+        kb = tl.arange(0, GATHER * BS)
+        within = kb % BS
+        k_base = K + b64 * sk_b + h * sk_h
+        v_base = V + b64 * sv_b + h * sv_h
+        for jq in range(n_new):
+            for g0 in range(0, SLOTS, GATHER):
+                slot = first + g0 + kb // BS
+                blk = tl.load(IDX + b * si_b + jq * si_t + h * si_h + slot, mask=slot < TOPN, other=-1)
+                p = blk * SEL + within
+                p_ok = (blk >= 0) & (within < SEL) & (p <= length - n_new + jq)
+                row = rows_k - length + p
+                kt = tl.load(
+                    k_base + row[None, :] * sk_t + dk[:, None],
+                    mask=p_ok[None, :] & (dk[:, None] < DK),
+                    other=0.0,
+                )
+                vv = tl.load(
+                    v_base + row[:, None] * sv_t + dv[None, :],
+                    mask=p_ok[:, None] & (dv[None, :] < DV),
+                    other=0.0,
+                )
+                s = tl.dot(q, kt) * scale_log2
+                s = tl.where((row_ok & (jr == jq))[:, None] & p_ok[None, :], s, float("-inf"))
+                m_i, l_i, acc, _ = _online(m_i, l_i, acc, s, vv)
+        _store_partial(PM2, PL2, PA2, bh * n_chunks + pid, r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
 
 
 @triton.jit
@@ -483,7 +507,8 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     k_win = k if k_win is None else k_win
     v_win = v if v_win is None else v_win
     scale_log2 = params.scale * LOG2E
-    _cmp_window_kernel[(batch * hkv, n_split + n_win)](
+    late = n_win if LATE_WINDOW else 0  # window programs in the slot launch
+    _cmp_window_kernel[(batch * hkv, n_split + n_win - late)](
         q, k_cmp, v_cmp, k_win, v_win, lens, pieces, tile_max, pm, pl, pa, pm2, pl2, pa2, counts,
         q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
         v_cmp.stride(0), v_cmp.stride(1), v_cmp.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
@@ -492,7 +517,7 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         n, n_split, n_chunks, split_len, tc_bound, k_win.shape[1], scale_log2,
         HKV=hkv, GROUP=group, ROWS=rows_p, CSTRIDE=stride, CSPAN=length, BLOCK=bc, RATIO=ratio, QC=per_cmp,
         NW=nw, NSEL=n_sel, WINDOW=params.window, BWIN=BW, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
-        MERGE=parts > 1, num_warps=CMP_WARPS, maxnreg=CMP_MAXNREG or None,
+        MERGE=parts > 1, LATE_WIN=late > 0, num_warps=CMP_WARPS, maxnreg=CMP_MAXNREG or None,
     )  # fmt: skip
     _select_kernel[(batch * hkv, n, parts)](
         pieces, tile_max, pm, pl, lens, keys, counts, indices,
@@ -504,14 +529,14 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         NKEYSP=triton.next_power_of_2(parts * top_np), CP=triton.next_power_of_2(n_split), PDL=pdl,
         num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
-    _selected_kernel[(batch * hkv, n_sel)](
-        q, k, v, indices, lens, pm2, pl2, pa2,
+    _selected_kernel[(batch * hkv, n_sel + late)](
+        q, k, v, k_win, v_win, indices, lens, pm2, pl2, pa2,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), indices.stride(0), indices.stride(1), indices.stride(2),
-        n, n_chunks, rows_k, scale_log2,
+        v.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2), v_win.stride(0), v_win.stride(1),
+        v_win.stride(2), indices.stride(0), indices.stride(1), indices.stride(2),
+        n, n_sel, n_chunks, rows_k, k_win.shape[1], scale_log2,
         HKV=hkv, GROUP=group, ROWS=rows_p, SEL=block, BS=max(16, triton.next_power_of_2(block)), SLOTS=SLOTS,
-        GATHER=GATHER,
-        TOPN=top_n, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
+        GATHER=GATHER, TOPN=top_n, WINDOW=params.window, BWIN=BW, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
         num_warps=4, num_stages=SLOT_STAGES, launch_pdl=pdl,
     )  # fmt: skip
     out = _empty(batch, n, hq, dv, dtype=q.dtype, device=device)
