@@ -74,8 +74,8 @@ CMP_MAXNREG = 0
 """Registers per thread the compressed + window programs are held to (0: as the compiler likes; at 168 on
 the H100, three programs fit per multiprocessor, at 128 four)."""
 LATE_WINDOW = 0
-"""1: the window tiles run in the slot launch, beside the select launch (they need no selection), instead
-of in the compressed launch, beside the compressed slices."""
+"""1: the window tiles run in the slot launch, first and beside the select launch (they need no selection),
+instead of in the compressed launch, beside the compressed slices."""
 POISON = False
 """Tests set this to fill every buffer the kernels must write with NaN (or −7777 for indices) first."""
 
@@ -324,22 +324,23 @@ def _selected_kernel(
     Q, K, V, KW, VW, IDX, LENS, PM2, PL2, PA2,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, skw_b, skw_t, skw_h, svw_b, svw_t, svw_h,
     si_b, si_t, si_h,
-    n_new, n_sel, n_chunks, rows_k, rows_w, scale_log2,
+    n_new, n_late, n_chunks, rows_k, rows_w, scale_log2,
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr,
     SLOTS: tl.constexpr, GATHER: tl.constexpr, TOPN: tl.constexpr, WINDOW: tl.constexpr, BWIN: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """Program (b·HKV + h, i): slots i·SLOTS … of one (b, KV head) (each new token's indices, ascending) and
-    their partial, or for i ≥ n_sel window tile i − n_sel, which needs no selection: it does not wait for
-    the select launch, so it runs while that one does."""
+    """Program (b·HKV + h, i): window tile i < n_late of one (b, KV head), or slots (i − n_late)·SLOTS … (each
+    new token's indices, ascending) and their partial. Window tiles need no selection: they come first and
+    do not wait for the select launch, so they run while it does."""
     pid = tl.program_id(1)
+    sp = pid - n_late
     if PDL:
-        if pid < n_sel:
+        if sp >= 0:
             _wait_then_release()
         else:
             tl.extra.cuda.gdc_launch_dependents()
     bh = tl.program_id(0)
-    first = pid * SLOTS
+    first = sp * SLOTS
     b = bh // HKV
     h = bh % HKV
     length = tl.load(LENS + b)
@@ -354,12 +355,12 @@ def _selected_kernel(
         mask=row_ok[:, None] & (dk[None, :] < DK),
         other=0.0,
     )
-    if pid >= n_sel:
+    if sp < 0:
         t = length - n_new + jr
         _window_tile(
             q, KW + b64 * skw_b + h * skw_h, VW + b64 * svw_b + h * svw_h, PM2, PL2, PA2, skw_t, svw_t,
-            pid - n_sel, bh * n_chunks + pid, length, n_new, rows_w, scale_log2, r, row_ok, t, dk, dv,
-            WINDOW, BWIN, DK, DV, ROWS, BDV,
+            pid, bh * n_chunks + n_chunks - n_late + pid, length, n_new, rows_w, scale_log2, r, row_ok, t, dk,
+            dv, WINDOW, BWIN, DK, DV, ROWS, BDV,
         )  # fmt: skip
     else:
         m_i = tl.full([ROWS], -1.0e30, tl.float32)
@@ -389,7 +390,7 @@ def _selected_kernel(
                 s = tl.dot(q, kt) * scale_log2
                 s = tl.where((row_ok & (jr == jq))[:, None] & p_ok[None, :], s, float("-inf"))
                 m_i, l_i, acc, _ = _online(m_i, l_i, acc, s, vv)
-        _store_partial(PM2, PL2, PA2, bh * n_chunks + pid, r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
+        _store_partial(PM2, PL2, PA2, bh * n_chunks + sp, r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
 
 
 @triton.jit
@@ -507,7 +508,7 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     k_win = k if k_win is None else k_win
     v_win = v if v_win is None else v_win
     scale_log2 = params.scale * LOG2E
-    late = n_win if LATE_WINDOW else 0  # window programs in the slot launch
+    late = n_win if LATE_WINDOW else 0  # window programs in the slot launch, before the slot programs
     _cmp_window_kernel[(batch * hkv, n_split + n_win - late)](
         q, k_cmp, v_cmp, k_win, v_win, lens, pieces, tile_max, pm, pl, pa, pm2, pl2, pa2, counts,
         q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
@@ -534,7 +535,7 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2), v_win.stride(0), v_win.stride(1),
         v_win.stride(2), indices.stride(0), indices.stride(1), indices.stride(2),
-        n, n_sel, n_chunks, rows_k, k_win.shape[1], scale_log2,
+        n, late, n_chunks, rows_k, k_win.shape[1], scale_log2,
         HKV=hkv, GROUP=group, ROWS=rows_p, SEL=block, BS=max(16, triton.next_power_of_2(block)), SLOTS=SLOTS,
         GATHER=GATHER, TOPN=top_n, WINDOW=params.window, BWIN=BW, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
         num_warps=4, num_stages=SLOT_STAGES, launch_pdl=pdl,
