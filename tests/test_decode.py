@@ -261,13 +261,17 @@ def test_kernels_with_small_tiles_match_reference(rng, monkeypatch, geometry):
     _check_small_tiles(rng, monkeypatch, geometry, 4, 1, (290, 163, 40), 2)
 
 
-@pytest.mark.parametrize(("gather", "late_window"), [(1, 0), (2, 0), (2, 1)])
-def test_kernels_with_small_tiles_and_chunks_match_reference(rng, monkeypatch, gather, late_window):
+@pytest.mark.parametrize(
+    ("gather", "late_window", "win_span"), [(1, 0, 16), (2, 0, 32), (2, 1, 16), (2, 1, 48)]
+)
+def test_kernels_with_small_tiles_and_chunks_match_reference(rng, monkeypatch, gather, late_window, win_span):
     """Several ranked parts, merged by their last program, in each of two chunks of new tokens (G = 16); the
     slot programs' blocks gathered into one tile or taken one after the other (top n odd: a slot left empty);
-    the window tiles in the compressed launch or in the slot launch."""
+    the window's 16-key tiles one or several per program, in the compressed launch or in the slot launch."""
     monkeypatch.setattr(kernels, "GATHER", gather)
     monkeypatch.setattr(kernels, "LATE_WINDOW", late_window)
+    monkeypatch.setattr(kernels, "BW", 16)
+    monkeypatch.setattr(kernels, "WIN_SPAN", win_span)
     geometry = dict(block_size=12, top_n=5, window=20, compress_block=12, compress_stride=4)
     _check_small_tiles(rng, monkeypatch, geometry, 32, 2, (290, 163), 5)
 
@@ -519,13 +523,18 @@ def test_gpu_kernels_match_reference(rng, monkeypatch, q_heads, kv_heads, dim, d
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    ("q_heads", "kv_heads", "n", "late_window"), [(64, 4, 1, 0), (64, 4, 1, 1), (32, 8, 2, 0)]
+    ("q_heads", "kv_heads", "n", "late_window", "win_span"),
+    [(64, 4, 1, 0, 64), (64, 4, 1, 1, 512), (32, 8, 2, 1, 256), (32, 8, 2, 0, 64)],
 )
-def test_gpu_long_context_kernels_match_reference(rng, monkeypatch, q_heads, kv_heads, n, late_window):
+def test_gpu_long_context_kernels_match_reference(
+    rng, monkeypatch, q_heads, kv_heads, n, late_window, win_span
+):
     """Contexts long enough for many compressed splits and several ranked parts, bf16, default geometry;
-    the window tiles in the compressed launch or (running beside select) in the slot launch."""
+    the window in 64-key programs or longer ones, in the compressed launch or (running beside select) in the
+    slot launch."""
     monkeypatch.setattr(kernels, "POISON", True)
     monkeypatch.setattr(kernels, "LATE_WINDOW", late_window)
+    monkeypatch.setattr(kernels, "WIN_SPAN", win_span)
     params = SparsityParams().resolved(128)
     lengths = torch.tensor([40000, 17000, 2500])
     width = int(lengths.max())

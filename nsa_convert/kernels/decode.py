@@ -5,8 +5,8 @@ row = j·G + g, padded to ≥ 16 for the matrix units), so each K/V tile it load
 step reads only the compressed keys/values, the n selected blocks and the window. Work is spread over
 many programs per (sequence, KV head), so that a single sequence fills the GPU too. Four launches:
 
-1. compressed + window, split-K: a program either takes a slice of the compressed keys or one BW-token
-   tile of the window, and writes an online-softmax partial (m, l, acc). A compressed program also folds
+1. compressed + window, split-K: a program either takes a slice of the compressed keys or WIN_SPAN tokens
+   of the window, and writes an online-softmax partial (m, l, acc). A compressed program also folds
    each tile's probabilities into block importance terms (eq. 9) with one small matrix product, relative
    to the tile's running maximum, which it stores beside them, in two planes: the terms of the blocks
    whose home the tile is, then of the next tile's first blocks (`_home`);
@@ -17,7 +17,8 @@ many programs per (sequence, KV head), so that a single sequence fills the GPU t
    (sequence, KV head, new token) to finish merges the parts' keys into the top n (exact: each part kept
    its own top n) and writes them as the step's indices, in ascending order;
 3. selected partials, one program per (sequence, KV head, SLOTS slots): reads its slots' blocks from the
-   indices and attends to them, GATHER blocks per tile;
+   indices and attends to them, GATHER blocks per tile. With LATE_WINDOW, the window programs move here
+   from launch 1, ahead of the slot programs: they need no selection, so they run beside launch 2;
 4. combine, one program per (sequence, KV head, new token, HEADS heads, slice of the value dimension):
    merges the three branches' partials, gates and adds them.
 
@@ -47,7 +48,9 @@ BC = 32
 """Compressed keys per tile (at least; more when a selection block's terms span more). Small tiles keep
 more programs resident per multiprocessor (shared memory per pipeline stage)."""
 BW = 64
-"""Window keys per tile (one program each)."""
+"""Window keys per tile."""
+WIN_SPAN = 64
+"""Window keys per program (a multiple of BW): fewer programs, fewer partials for the combine to merge."""
 PART = 128
 """Blocks ranked per select program (at least; more when there would be over MAX_PARTS parts)."""
 MAX_PARTS = 8
@@ -74,7 +77,7 @@ CMP_MAXNREG = 0
 """Registers per thread the compressed + window programs are held to (0: as the compiler likes; at 168 on
 the H100, three programs fit per multiprocessor, at 128 four)."""
 LATE_WINDOW = 0
-"""1: the window tiles run in the slot launch, first and beside the select launch (they need no selection),
+"""1: the window programs run in the slot launch, first and beside the select launch (they need no selection),
 instead of in the compressed launch, beside the compressed slices."""
 POISON = False
 """Tests set this to fill every buffer the kernels must write with NaN (or −7777 for indices) first."""
@@ -155,22 +158,30 @@ def _merge_branch(PM, PL, PA, first, count, r, r_ok, dv, CP: tl.constexpr, CCH: 
 
 
 @triton.jit
-def _window_tile(q, KW, VW, PM2, PL2, PA2, skw_t, svw_t, i, slot, length, n_new, rows_w, scale_log2, r, row_ok,
-                 t, dk, dv, WINDOW: tl.constexpr, BWIN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                 ROWS: tl.constexpr, BDV: tl.constexpr):  # fmt: skip
-    """Window tile i (BWIN keys from the first any new token sees) of one (b, KV head), stored as partial
-    `slot`; KW and VW point at that (b, KV head)'s window keys and values."""
-    p = tl.maximum(length - n_new - WINDOW + 1, 0) + i * BWIN + tl.arange(0, BWIN)
-    p_ok = p < length
-    row = (rows_w - length + p).to(tl.int64)
-    kt = tl.load(KW + row[None, :] * skw_t + dk[:, None], mask=p_ok[None, :] & (dk[:, None] < DK), other=0.0)
-    vv = tl.load(VW + row[:, None] * svw_t + dv[None, :], mask=p_ok[:, None] & (dv[None, :] < DV), other=0.0)
-    s = tl.dot(q, kt) * scale_log2
-    vis = row_ok[:, None] & p_ok[None, :] & (p[None, :] <= t[:, None]) & (p[None, :] > t[:, None] - WINDOW)
+def _window_span(q, KW, VW, PM2, PL2, PA2, skw_t, svw_t, i, slot, length, n_new, rows_w, scale_log2, r, row_ok,
+                 t, dk, dv, WINDOW: tl.constexpr, BWIN: tl.constexpr, SPAN: tl.constexpr, DK: tl.constexpr,
+                 DV: tl.constexpr, ROWS: tl.constexpr, BDV: tl.constexpr):  # fmt: skip
+    """Window span i (SPAN keys from the first any new token sees, BWIN per tile) of one (b, KV head),
+    stored as partial `slot`; KW and VW point at that (b, KV head)'s window keys and values."""
     m_i = tl.full([ROWS], -1.0e30, tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BDV], tl.float32)
-    m_i, l_i, acc, _ = _online(m_i, l_i, acc, tl.where(vis, s, float("-inf")), vv)
+    first = tl.maximum(length - n_new - WINDOW + 1, 0) + i * SPAN
+    for p0 in range(first, tl.minimum(first + SPAN, length), BWIN):
+        p = p0 + tl.arange(0, BWIN)
+        p_ok = p < length
+        row = (rows_w - length + p).to(tl.int64)
+        kt = tl.load(
+            KW + row[None, :] * skw_t + dk[:, None], mask=p_ok[None, :] & (dk[:, None] < DK), other=0.0
+        )
+        vv = tl.load(
+            VW + row[:, None] * svw_t + dv[None, :], mask=p_ok[:, None] & (dv[None, :] < DV), other=0.0
+        )
+        s = tl.dot(q, kt) * scale_log2
+        vis = (
+            row_ok[:, None] & p_ok[None, :] & (p[None, :] <= t[:, None]) & (p[None, :] > t[:, None] - WINDOW)
+        )
+        m_i, l_i, acc, _ = _online(m_i, l_i, acc, tl.where(vis, s, float("-inf")), vv)
     _store_partial(PM2, PL2, PA2, slot, r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
 
 
@@ -182,10 +193,11 @@ def _cmp_window_kernel(
     n_new, n_split, n_chunks, split_len, tc_bound, rows_w, scale_log2,
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, CSTRIDE: tl.constexpr, CSPAN: tl.constexpr,
     BLOCK: tl.constexpr, RATIO: tl.constexpr, QC: tl.constexpr, NW: tl.constexpr, NSEL: tl.constexpr,
-    WINDOW: tl.constexpr, BWIN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
+    WINDOW: tl.constexpr, BWIN: tl.constexpr, SPAN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr,
     BDV: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr, LATE_WIN: tl.constexpr,
 ):  # fmt: skip
-    """Program (b·HKV + h, i): compressed slice i (i < n_split) or, unless LATE_WIN, window tile i − n_split
+    """Program (b·HKV + h, i): compressed slice i (i < n_split) or, unless LATE_WIN, window span i − n_split
     of one (b, h)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -246,10 +258,10 @@ def _cmp_window_kernel(
             tl.store(MT + bh * smt_bh + tile * smt_t + r, m_i, mask=row_ok)
         _store_partial(PM, PL, PA, bh * n_split + pid, r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
     elif not LATE_WIN:
-        _window_tile(
+        _window_span(
             q, KW + b64 * skw_b + h * skw_h, VW + b64 * svw_b + h * svw_h, PM2, PL2, PA2, skw_t, svw_t,
             pid - n_split, bh * n_chunks + NSEL + pid - n_split, length, n_new, rows_w, scale_log2, r,
-            row_ok, t, dk, dv, WINDOW, BWIN, DK, DV, ROWS, BDV,
+            row_ok, t, dk, dv, WINDOW, BWIN, SPAN, DK, DV, ROWS, BDV,
         )  # fmt: skip
 
 
@@ -327,10 +339,11 @@ def _selected_kernel(
     n_new, n_late, n_chunks, rows_k, rows_w, scale_log2,
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr,
     SLOTS: tl.constexpr, GATHER: tl.constexpr, TOPN: tl.constexpr, WINDOW: tl.constexpr, BWIN: tl.constexpr,
+    SPAN: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """Program (b·HKV + h, i): window tile i < n_late of one (b, KV head), or slots (i − n_late)·SLOTS … (each
-    new token's indices, ascending) and their partial. Window tiles need no selection: they come first and
+    """Program (b·HKV + h, i): window span i < n_late of one (b, KV head), or slots (i − n_late)·SLOTS … (each
+    new token's indices, ascending) and their partial. Window spans need no selection: they come first and
     do not wait for the select launch, so they run while it does."""
     pid = tl.program_id(1)
     sp = pid - n_late
@@ -357,10 +370,10 @@ def _selected_kernel(
     )
     if sp < 0:
         t = length - n_new + jr
-        _window_tile(
+        _window_span(
             q, KW + b64 * skw_b + h * skw_h, VW + b64 * svw_b + h * svw_h, PM2, PL2, PA2, skw_t, svw_t,
             pid, bh * n_chunks + n_chunks - n_late + pid, length, n_new, rows_w, scale_log2, r, row_ok, t, dk,
-            dv, WINDOW, BWIN, DK, DV, ROWS, BDV,
+            dv, WINDOW, BWIN, SPAN, DK, DV, ROWS, BDV,
         )  # fmt: skip
     else:
         m_i = tl.full([ROWS], -1.0e30, tl.float32)
@@ -483,7 +496,8 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     n_split = max(1, min(tiles, MAX_SPLITS, triton.cdiv(WAVES * _sm_count(device), batch * hkv)))
     split_len = triton.cdiv(tiles, n_split) * bc
     n_split = max(1, triton.cdiv(tc_bound, split_len))
-    n_win = triton.cdiv(params.window + n - 1, BW)
+    span = max(BW, WIN_SPAN // BW * BW)
+    n_win = triton.cdiv(params.window + n - 1, span)
     n_sel = triton.cdiv(top_n, SLOTS)
     n_chunks = n_sel + n_win
     f32 = dict(dtype=torch.float32, device=device)
@@ -517,7 +531,7 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         *pieces.stride()[:3], tile_max.stride(0), tile_max.stride(1),
         n, n_split, n_chunks, split_len, tc_bound, k_win.shape[1], scale_log2,
         HKV=hkv, GROUP=group, ROWS=rows_p, CSTRIDE=stride, CSPAN=length, BLOCK=bc, RATIO=ratio, QC=per_cmp,
-        NW=nw, NSEL=n_sel, WINDOW=params.window, BWIN=BW, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
+        NW=nw, NSEL=n_sel, WINDOW=params.window, BWIN=BW, SPAN=span, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
         MERGE=parts > 1, LATE_WIN=late > 0, num_warps=CMP_WARPS, maxnreg=CMP_MAXNREG or None,
     )  # fmt: skip
     _select_kernel[(batch * hkv, n, parts)](
@@ -537,7 +551,7 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         v_win.stride(2), indices.stride(0), indices.stride(1), indices.stride(2),
         n, late, n_chunks, rows_k, k_win.shape[1], scale_log2,
         HKV=hkv, GROUP=group, ROWS=rows_p, SEL=block, BS=max(16, triton.next_power_of_2(block)), SLOTS=SLOTS,
-        GATHER=GATHER, TOPN=top_n, WINDOW=params.window, BWIN=BW, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
+        GATHER=GATHER, TOPN=top_n, WINDOW=params.window, BWIN=BW, SPAN=span, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
         num_warps=4, num_stages=SLOT_STAGES, launch_pdl=pdl,
     )  # fmt: skip
     out = _empty(batch, n, hq, dv, dtype=q.dtype, device=device)
