@@ -222,9 +222,16 @@ KERNEL_CASES = [
 ]
 
 
+@pytest.mark.parametrize("late_window", [0, 1])
 @pytest.mark.parametrize(("q_heads", "kv_heads", "lengths", "n"), KERNEL_CASES)
-def test_kernels_match_reference(rng, monkeypatch, q_heads, kv_heads, lengths, n):
+def test_kernels_match_reference(rng, monkeypatch, q_heads, kv_heads, lengths, n, late_window):
+    """Also with the window in the slot launch, in spans of two 16-key tiles (sequences shorter than the
+    window, a separate window cache cut to what the step needs)."""
     monkeypatch.setattr(kernels, "POISON", True)
+    if late_window:
+        monkeypatch.setattr(kernels, "LATE_WINDOW", 1)
+        monkeypatch.setattr(kernels, "BW", 16)
+        monkeypatch.setattr(kernels, "WIN_SPAN", 32)
     params = SparsityParams(**GEOMETRY).resolved(16)
     separate = q_heads == 7
     sequences = [sequence(rng, t, q_heads, kv_heads, 16, torch.float32, windows=separate) for t in lengths]
@@ -262,17 +269,18 @@ def test_kernels_with_small_tiles_match_reference(rng, monkeypatch, geometry):
 
 
 @pytest.mark.parametrize(
-    ("gather", "late_window", "win_span"), [(1, 0, 16), (2, 0, 32), (2, 1, 16), (2, 1, 48)]
+    ("gather", "late_window", "win_span"), [(1, 0, 16), (2, 0, 32), (2, 1, 16), (2, 1, 32)]
 )
 def test_kernels_with_small_tiles_and_chunks_match_reference(rng, monkeypatch, gather, late_window, win_span):
     """Several ranked parts, merged by their last program, in each of two chunks of new tokens (G = 16); the
     slot programs' blocks gathered into one tile or taken one after the other (top n odd: a slot left empty);
-    the window's 16-key tiles one or several per program, in the compressed launch or in the slot launch."""
+    the window's 16-key tiles one or two per program (43 keys per chunk: 3 spans of one, or 2 of up to
+    two), in the compressed launch or in the slot launch."""
     monkeypatch.setattr(kernels, "GATHER", gather)
     monkeypatch.setattr(kernels, "LATE_WINDOW", late_window)
     monkeypatch.setattr(kernels, "BW", 16)
     monkeypatch.setattr(kernels, "WIN_SPAN", win_span)
-    geometry = dict(block_size=12, top_n=5, window=20, compress_block=12, compress_stride=4)
+    geometry = dict(block_size=12, top_n=5, window=40, compress_block=12, compress_stride=4)
     _check_small_tiles(rng, monkeypatch, geometry, 32, 2, (290, 163), 5)
 
 

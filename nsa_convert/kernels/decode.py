@@ -5,11 +5,11 @@ row = j·G + g, padded to ≥ 16 for the matrix units), so each K/V tile it load
 step reads only the compressed keys/values, the n selected blocks and the window. Work is spread over
 many programs per (sequence, KV head), so that a single sequence fills the GPU too. Four launches:
 
-1. compressed + window, split-K: a program either takes a slice of the compressed keys or WIN_SPAN tokens
-   of the window, and writes an online-softmax partial (m, l, acc). A compressed program also folds
-   each tile's probabilities into block importance terms (eq. 9) with one small matrix product, relative
-   to the tile's running maximum, which it stores beside them, in two planes: the terms of the blocks
-   whose home the tile is, then of the next tile's first blocks (`_home`);
+1. compressed + window, split-K: a program either takes a slice of the compressed keys or (unless
+   LATE_WINDOW) WIN_SPAN tokens of the window, and writes an online-softmax partial (m, l, acc). A
+   compressed program also folds each tile's probabilities into block importance terms (eq. 9) with one
+   small matrix product, relative to the tile's running maximum, which it stores beside them, in two
+   planes: the terms of the blocks whose home the tile is, then of the next tile's first blocks (`_home`);
 2. select, one program per (sequence, KV head, new token, part of the blocks): merges the maxima and sums
    of the compressed partials into each head's lse, turns the stored pieces into the group's importance
    (eq. 10) and writes the part's top n blocks as sort keys (importance bits, then the block's index
@@ -336,22 +336,24 @@ def _selected_kernel(
     Q, K, V, KW, VW, IDX, LENS, PM2, PL2, PA2,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, skw_b, skw_t, skw_h, svw_b, svw_t, svw_h,
     si_b, si_t, si_h,
-    n_new, n_late, n_chunks, rows_k, rows_w, scale_log2,
+    n_new, n_chunks, rows_k, rows_w, scale_log2,
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr,
     SLOTS: tl.constexpr, GATHER: tl.constexpr, TOPN: tl.constexpr, WINDOW: tl.constexpr, BWIN: tl.constexpr,
-    SPAN: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, PDL: tl.constexpr,
+    SPAN: tl.constexpr, NLATE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """Program (b·HKV + h, i): window span i < n_late of one (b, KV head), or slots (i − n_late)·SLOTS … (each
+    """Program (b·HKV + h, i): window span i < NLATE of one (b, KV head), or slots (i − NLATE)·SLOTS … (each
     new token's indices, ascending) and their partial. Window spans need no selection: they come first and
     do not wait for the select launch, so they run while it does."""
     pid = tl.program_id(1)
-    sp = pid - n_late
+    sp = pid - NLATE
+    window = False  # without window programs, a compile-time False: the slot kernel as it was
+    if NLATE > 0:
+        window = sp < 0
     if PDL:
-        if sp >= 0:
-            _wait_then_release()
-        else:
+        if window:
             tl.extra.cuda.gdc_launch_dependents()
+        else:
+            _wait_then_release()
     bh = tl.program_id(0)
     first = sp * SLOTS
     b = bh // HKV
@@ -368,11 +370,11 @@ def _selected_kernel(
         mask=row_ok[:, None] & (dk[None, :] < DK),
         other=0.0,
     )
-    if sp < 0:
+    if window:
         t = length - n_new + jr
         _window_span(
             q, KW + b64 * skw_b + h * skw_h, VW + b64 * svw_b + h * svw_h, PM2, PL2, PA2, skw_t, svw_t,
-            pid, bh * n_chunks + n_chunks - n_late + pid, length, n_new, rows_w, scale_log2, r, row_ok, t, dk,
+            pid, bh * n_chunks + n_chunks - NLATE + pid, length, n_new, rows_w, scale_log2, r, row_ok, t, dk,
             dv, WINDOW, BWIN, SPAN, DK, DV, ROWS, BDV,
         )  # fmt: skip
     else:
@@ -496,7 +498,9 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     n_split = max(1, min(tiles, MAX_SPLITS, triton.cdiv(WAVES * _sm_count(device), batch * hkv)))
     split_len = triton.cdiv(tiles, n_split) * bc
     n_split = max(1, triton.cdiv(tc_bound, split_len))
-    span = max(BW, WIN_SPAN // BW * BW)
+    if WIN_SPAN % BW:
+        raise ValueError(f"WIN_SPAN ({WIN_SPAN}) must be a multiple of BW ({BW})")
+    span = WIN_SPAN
     n_win = triton.cdiv(params.window + n - 1, span)
     n_sel = triton.cdiv(top_n, SLOTS)
     n_chunks = n_sel + n_win
@@ -523,6 +527,8 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     v_win = v if v_win is None else v_win
     scale_log2 = params.scale * LOG2E
     late = n_win if LATE_WINDOW else 0  # window programs in the slot launch, before the slot programs
+    # Launch 1 is never a dependent launch: it starts once the previous step (or chunk) has finished, which
+    # is what lets launch 3's window programs skip their wait.
     _cmp_window_kernel[(batch * hkv, n_split + n_win - late)](
         q, k_cmp, v_cmp, k_win, v_win, lens, pieces, tile_max, pm, pl, pa, pm2, pl2, pa2, counts,
         q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
@@ -549,9 +555,9 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2), v_win.stride(0), v_win.stride(1),
         v_win.stride(2), indices.stride(0), indices.stride(1), indices.stride(2),
-        n, late, n_chunks, rows_k, k_win.shape[1], scale_log2,
+        n, n_chunks, rows_k, k_win.shape[1], scale_log2,
         HKV=hkv, GROUP=group, ROWS=rows_p, SEL=block, BS=max(16, triton.next_power_of_2(block)), SLOTS=SLOTS,
-        GATHER=GATHER, TOPN=top_n, WINDOW=params.window, BWIN=BW, SPAN=span, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
+        GATHER=GATHER, TOPN=top_n, WINDOW=params.window, BWIN=BW, SPAN=span, NLATE=late, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
         num_warps=4, num_stages=SLOT_STAGES, launch_pdl=pdl,
     )  # fmt: skip
     out = _empty(batch, n, hq, dv, dtype=q.dtype, device=device)
