@@ -284,6 +284,15 @@ def test_kernels_with_small_tiles_and_chunks_match_reference(rng, monkeypatch, g
     _check_small_tiles(rng, monkeypatch, geometry, 32, 2, (290, 163), 5)
 
 
+def test_window_span_must_be_whole_tiles(rng, monkeypatch):
+    monkeypatch.setattr(kernels, "BW", 16)
+    monkeypatch.setattr(kernels, "WIN_SPAN", 24)
+    params = SparsityParams(**GEOMETRY).resolved(16)
+    inputs = batch_cache(rng, [sequence(rng, 40, 4, 1, 16, torch.float32)], 1, params)
+    with pytest.raises(ValueError, match="multiple of BW"):
+        kernels.nsa_decode(*decode_args(inputs), params)
+
+
 def _check_small_tiles(rng, monkeypatch, geometry, q_heads, kv_heads, lengths, n):
     monkeypatch.setattr(kernels, "POISON", True)
     monkeypatch.setattr(kernels, "BC", 16)

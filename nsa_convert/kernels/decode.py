@@ -49,8 +49,8 @@ BC = 32
 more programs resident per multiprocessor (shared memory per pipeline stage)."""
 BW = 64
 """Window keys per tile."""
-WIN_SPAN = 64
-"""Window keys per program (a multiple of BW): fewer programs, fewer partials for the combine to merge."""
+WIN_SPAN = 0
+"""Window keys per program, a multiple of BW (0: one tile): fewer programs, fewer partials to merge."""
 PART = 128
 """Blocks ranked per select program (at least; more when there would be over MAX_PARTS parts)."""
 MAX_PARTS = 8
@@ -498,9 +498,9 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     n_split = max(1, min(tiles, MAX_SPLITS, triton.cdiv(WAVES * _sm_count(device), batch * hkv)))
     split_len = triton.cdiv(tiles, n_split) * bc
     n_split = max(1, triton.cdiv(tc_bound, split_len))
-    if WIN_SPAN % BW:
+    span = WIN_SPAN or BW
+    if span % BW:
         raise ValueError(f"WIN_SPAN ({WIN_SPAN}) must be a multiple of BW ({BW})")
-    span = WIN_SPAN
     n_win = triton.cdiv(params.window + n - 1, span)
     n_sel = triton.cdiv(top_n, SLOTS)
     n_chunks = n_sel + n_win
