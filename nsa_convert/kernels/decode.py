@@ -158,30 +158,41 @@ def _merge_branch(PM, PL, PA, first, count, r, r_ok, dv, CP: tl.constexpr, CCH: 
 
 
 @triton.jit
+def _window_tile(q, KW, VW, skw_t, svw_t, p, length, rows_w, scale_log2, row_ok, t, dk, dv, m_i, l_i, acc,
+                 WINDOW: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):  # fmt: skip
+    """One online-softmax step over window keys p (right-aligned cache rows, those ≥ length masked)."""
+    p_ok = p < length
+    row = (rows_w - length + p).to(tl.int64)
+    kt = tl.load(KW + row[None, :] * skw_t + dk[:, None], mask=p_ok[None, :] & (dk[:, None] < DK), other=0.0)
+    vv = tl.load(VW + row[:, None] * svw_t + dv[None, :], mask=p_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    s = tl.dot(q, kt) * scale_log2
+    vis = row_ok[:, None] & p_ok[None, :] & (p[None, :] <= t[:, None]) & (p[None, :] > t[:, None] - WINDOW)
+    m_i, l_i, acc, _ = _online(m_i, l_i, acc, tl.where(vis, s, float("-inf")), vv)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _window_span(q, KW, VW, PM2, PL2, PA2, skw_t, svw_t, i, slot, length, n_new, rows_w, scale_log2, r, row_ok,
                  t, dk, dv, WINDOW: tl.constexpr, BWIN: tl.constexpr, SPAN: tl.constexpr, DK: tl.constexpr,
                  DV: tl.constexpr, ROWS: tl.constexpr, BDV: tl.constexpr):  # fmt: skip
     """Window span i (SPAN keys from the first any new token sees, BWIN per tile) of one (b, KV head),
-    stored as partial `slot`; KW and VW point at that (b, KV head)'s window keys and values."""
+    stored as partial `slot`; KW and VW point at that (b, KV head)'s window keys and values. A one-tile
+    span has no loop, so no pipeline stages in shared memory."""
     m_i = tl.full([ROWS], -1.0e30, tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BDV], tl.float32)
     first = tl.maximum(length - n_new - WINDOW + 1, 0) + i * SPAN
-    for p0 in range(first, tl.minimum(first + SPAN, length), BWIN):
-        p = p0 + tl.arange(0, BWIN)
-        p_ok = p < length
-        row = (rows_w - length + p).to(tl.int64)
-        kt = tl.load(
-            KW + row[None, :] * skw_t + dk[:, None], mask=p_ok[None, :] & (dk[:, None] < DK), other=0.0
-        )
-        vv = tl.load(
-            VW + row[:, None] * svw_t + dv[None, :], mask=p_ok[:, None] & (dv[None, :] < DV), other=0.0
-        )
-        s = tl.dot(q, kt) * scale_log2
-        vis = (
-            row_ok[:, None] & p_ok[None, :] & (p[None, :] <= t[:, None]) & (p[None, :] > t[:, None] - WINDOW)
-        )
-        m_i, l_i, acc, _ = _online(m_i, l_i, acc, tl.where(vis, s, float("-inf")), vv)
+    if SPAN == BWIN:
+        m_i, l_i, acc = _window_tile(
+            q, KW, VW, skw_t, svw_t, first + tl.arange(0, BWIN), length, rows_w, scale_log2, row_ok, t, dk, dv,
+            m_i, l_i, acc, WINDOW, DK, DV,
+        )  # fmt: skip
+    else:
+        for p0 in range(first, tl.minimum(first + SPAN, length), BWIN):
+            m_i, l_i, acc = _window_tile(
+                q, KW, VW, skw_t, svw_t, p0 + tl.arange(0, BWIN), length, rows_w, scale_log2, row_ok, t, dk,
+                dv, m_i, l_i, acc, WINDOW, DK, DV,
+            )  # fmt: skip
     _store_partial(PM2, PL2, PA2, slot, r, row_ok, dv, m_i, l_i, acc, ROWS, BDV)
 
 
