@@ -265,6 +265,17 @@ def _grads(x, p, idx, do):
     ],
 )
 def test_backward_matches_reference(hq, hkv, t, params, separate, rng):
+    _check_backward(hq, hkv, t, params, separate, rng)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 1), (7, 1)])
+def test_backward_with_the_selected_dq_in_key_tiles_matches_reference(hq, hkv, rng, monkeypatch):
+    """The selected dq pass taking each 32-key block as two 16-key tiles (the NSA_SLC_DQ override)."""
+    monkeypatch.setenv("NSA_SLC_DQ", "4,16")
+    _check_backward(hq, hkv, 75, DEFAULTISH, False, rng)
+
+
+def _check_backward(hq, hkv, t, params, separate, rng):
     x = _inputs(1, t, hq, hkv, 16, 32, params, rng, separate_win=separate)
     p = params.resolved(16)
     out, lse, idx = nsa_forward(**x, params=p)

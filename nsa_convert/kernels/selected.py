@@ -110,8 +110,10 @@ def selected_dq_kernel(
     scale, scale_log2,
     GROUP: tl.constexpr, BH: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr, TOPN: tl.constexpr,
     ACCUM: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    KT: tl.constexpr,
 ):  # fmt: skip
-    """dq (added to DQ when ACCUM) and delta = rowsum(dO ∘ o_slc) in one pass (see banded_bwd_dq_kernel)."""
+    """dq (added to DQ when ACCUM) and delta = rowsum(dO ∘ o_slc) in one pass (see banded_bwd_dq_kernel);
+    each selected block in tiles of KT keys (fewer registers per tile)."""
     t = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -136,11 +138,11 @@ def selected_dq_kernel(
     acc_pdp = tl.zeros([BH, BDK], tl.float32)
     acc_p = tl.zeros([BH, BDK], tl.float32)
     delta = tl.zeros([BH], tl.float32)
-    kb = tl.arange(0, BS)
     k_base = K + h * sk_h
     v_base = V + h * sv_h
-    for slot in range(TOPN):
-        j = tl.load(IDX + tok * si_t + h * si_h + slot)
+    for cell in range(TOPN * (BS // KT)):
+        j = tl.load(IDX + tok * si_t + h * si_h + cell // (BS // KT))
+        kb = cell % (BS // KT) * KT + tl.arange(0, KT)
         s = j * SEL + kb
         s_ok = (kb < SEL) & (s <= t) & (s >= 0)
         ktok = (q_start + s).to(tl.int64)
@@ -397,10 +399,16 @@ def _gather_consts(q, k, v, params):
     )  # fmt: skip
 
 
-def _dq_warps(q) -> int:
-    """Warps of the selected dq pass: 2 beat 4 on the H100 at 64k (dq 23.1 → 20.8 ms paper-G16, 46.1 → 40.5
-    llama-G4; 8 were slower); the forward keeps 4 (2 was slower for G = 4)."""
-    return 2 if q.device.type == "cuda" else 4
+def _dq_config(q, block: int) -> tuple[int, int]:
+    """(warps, keys per tile) of the selected dq pass. 2 warps beat 4 on the H100 at 64k (dq 23.1 → 20.8 ms
+    paper-G16, 46.1 → 40.5 llama-G4; 8 were slower); the forward keeps 4 (2 was slower for G = 4). Whole
+    blocks per tile take 255 registers (offline sm_90 compile), so 4 programs per SM: NSA_SLC_DQ="warps,keys"
+    overrides (benchmarking; keys a power of two ≥ 16 dividing the padded block)."""
+    env = os.environ.get("NSA_SLC_DQ")
+    if env:
+        warps, keys = (int(x) for x in env.split(","))
+        return warps, keys
+    return (2 if q.device.type == "cuda" else 4), block
 
 
 def _dkdv_config(q):
@@ -528,12 +536,13 @@ def selected_backward(
     consts = _gather_consts(q, k, v, params)
     n_seq = cu.numel() - 1
     hkv = k.shape[1]
+    warps, keys = _dq_config(q, consts["BS"])
     selected_dq_kernel[(max_len, hkv, n_seq)](
         q, k, v, idx, gates, do, lse, dq, delta, cu,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         idx.stride(0), idx.stride(1), gates.stride(0), gates.stride(1), do.stride(0), do.stride(1),
         lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1), delta.stride(0), delta.stride(1),
-        params.scale, params.scale * LOG2E, ACCUM=accum_dq, **{**consts, "num_warps": _dq_warps(q)},
+        params.scale, params.scale * LOG2E, ACCUM=accum_dq, KT=keys, **{**consts, "num_warps": warps},
     )  # fmt: skip
     max_blocks = triton.cdiv(max_len, params.block_size)
     block_m, warps, stages, chunk = _dkdv_config(q)
