@@ -53,7 +53,7 @@ def main() -> None:
     selected.BLOCKS_BELOW_GROUP = 0  # the position-by-position forward (the block one needs host offsets)
     cuda = SimpleNamespace(device=torch.device("cuda"))  # what the config functions ask of a tensor
     dkdv_config, dq_config, gather = selected._dkdv_config, selected._dq_config, selected._gather_consts
-    selected._dkdv_config = lambda x: dkdv_config(cuda)
+    selected._dkdv_config = lambda x, block: dkdv_config(cuda, block)
     selected._dq_config = lambda x, block: dq_config(cuda, block)
     selected._gather_consts = lambda *a: {**gather(*a), "num_stages": 2}
     selected.selected_forward(q, k, v, idx, gates, acc, lse, cu, seq_len, params, accumulate=True)

@@ -269,9 +269,16 @@ def test_backward_matches_reference(hq, hkv, t, params, separate, rng):
 
 
 @pytest.mark.parametrize("hq,hkv", [(4, 1), (7, 1)])
-def test_backward_with_the_selected_dq_in_key_tiles_matches_reference(hq, hkv, rng, monkeypatch):
-    """The selected dq pass taking each 32-key block as two 16-key tiles (the NSA_SLC_DQ override)."""
-    monkeypatch.setenv("NSA_SLC_DQ", "4,16")
+@pytest.mark.parametrize(
+    "override",
+    [
+        ("NSA_SLC_DQ", "4,16"),  # the selected dq pass takes each 32-key block as two 16-key tiles
+        ("NSA_SLC_DKDV", "16,4,1,8,16"),  # the dk/dv pass splits each block's keys over two programs
+    ],
+    ids=["dq-key-tiles", "dkdv-key-split"],
+)
+def test_backward_with_selected_blocks_in_key_tiles_matches_reference(hq, hkv, override, rng, monkeypatch):
+    monkeypatch.setenv(*override)
     _check_backward(hq, hkv, 75, DEFAULTISH, False, rng)
 
 

@@ -109,10 +109,19 @@ def test_forward_bf16_long(t, hq, hkv, dk, dv, chunk):
 
 
 @pytest.mark.parametrize(
-    "t,hq,hkv,dk,dv,separate",
-    [(4096, 16, 2, 128, 128, False), (3000, 7, 1, 192, 128, True), (2500, 32, 8, 64, 64, False)],
+    "t,hq,hkv,dk,dv,separate,overrides",
+    [
+        (4096, 16, 2, 128, 128, False, {}),
+        (3000, 7, 1, 192, 128, True, {}),
+        (2500, 32, 8, 64, 64, False, {}),
+        # The selected passes' key tiles (benchmark overrides, read at launch).
+        (4096, 16, 2, 128, 128, False, {"NSA_SLC_DQ": "2,16", "NSA_SLC_DKDV": "32,4,2,1024,16"}),
+        (3000, 8, 2, 128, 128, False, {"NSA_SLC_DQ": "4,32", "NSA_SLC_DKDV": "64,8,2,1024,32"}),
+    ],
 )
-def test_backward_bf16(t, hq, hkv, dk, dv, separate):
+def test_backward_bf16(t, hq, hkv, dk, dv, separate, overrides, monkeypatch):
+    for name, value in overrides.items():
+        monkeypatch.setenv(name, value)
     p = PAPER.resolved(dk)
     x = _inputs(1, t, hq, hkv, dk, dv, p, torch.bfloat16, separate)
     out, lse, idx = nsa_forward(**x, params=p)

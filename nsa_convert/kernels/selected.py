@@ -284,21 +284,25 @@ def selected_dkdv_kernel(
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t, sg_h, sd_t, sd_h, sl_t, sl_h, sdl_t, sdl_h,
     n_seq, max_blocks, n_seg, scale, scale_log2,
     GROUP: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, KB: tl.constexpr,
 ):  # fmt: skip
-    """Partial dk, dv of one selection block from up to CHUNK of the positions that chose it.
+    """Partial dk, dv of keys KB·i … of one selection block from up to CHUNK of the positions that chose it.
+    Fewer keys than the block per program: smaller accumulators, more programs (the BS / KB programs of one
+    work item are neighbours, so they read its rows of q and dO from L2 about together).
 
     POS lists, per (h, sequence, block) segment SEG[(h·n_seq + b)·max_blocks + j] … SEG[… + 1], the packed
     token index of each position that selected block j, ascending. Work item w (one program) is chunk
     w − WORK_OFF[seg] of segment seg = WORK_SEG[w]; rows are those positions × the G group heads. Chunking
     keeps block 0 (chosen by every position) from serialising the pass; PART_K/PART_V [W, BS, BDK|BDV].
     """
-    w = tl.program_id(0)
+    w = tl.program_id(0) // (BS // KB)
     seg = tl.load(WORK_SEG + w)
     if seg >= n_seg:
         return
     j, h, q_start, T, p_begin, p_end = _work_item(w, seg, CU, SEG, WORK_OFF, 0, n_seq, max_blocks, CHUNK)
-    kb = tl.arange(0, BS)
+    kb = tl.arange(0, KB)
+    if KB < BS:  # a whole block per program keeps the plain index (offset arithmetic costs registers)
+        kb += tl.program_id(0) % (BS // KB) * KB
     s = j * SEL + kb
     s_ok = (kb < SEL) & (s < T)
     ktok = (q_start + s).to(tl.int64)
@@ -311,8 +315,8 @@ def selected_dkdv_kernel(
         V + ktok[:, None] * sv_t + h * sv_h + dv[None, :], mask=s_ok[:, None] & (dv[None, :] < DV), other=0.0
     )
     n_rows = (p_end - p_begin) * GROUP
-    acc_dk = tl.zeros([BS, BDK], tl.float32)
-    acc_dv = tl.zeros([BS, BDV], tl.float32)
+    acc_dk = tl.zeros([KB, BDK], tl.float32)
+    acc_dv = tl.zeros([KB, BDV], tl.float32)
     for row0 in range(0, n_rows, BLOCK_M):
         rows = row0 + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
@@ -411,16 +415,19 @@ def _dq_config(q, block: int) -> tuple[int, int]:
     return (2 if q.device.type == "cuda" else 4), block
 
 
-def _dkdv_config(q):
-    """(BLOCK_M, warps, stages, CHUNK) of the dk/dv pass, measured on the H100 (NOTES.md): 64 rows with 8
-    warps beat 32/8 (the old setting), 64/4 and 128/8; smaller chunks did not help at 8k.
-    NSA_SLC_DKDV="bm,warps,stages,chunk" overrides (benchmarking)."""
-    if q.device.type != "cuda":
-        return 16, 4, 1, 8
+def _dkdv_config(q, block: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, warps, stages, CHUNK, keys per program) of the dk/dv pass, measured on the H100 (NOTES.md):
+    64 rows with 8 warps beat 32/8 (the old setting), 64/4 and 128/8; smaller chunks did not help at 8k.
+    Whole blocks per program take 255 registers and spill (offline sm_90 compile: one program per SM).
+    NSA_SLC_DKDV="bm,warps,stages,chunk[,keys]" overrides (benchmarking; keys a power of two ≥ 16 dividing
+    the padded block)."""
     env = os.environ.get("NSA_SLC_DKDV")
     if env:
-        return tuple(int(x) for x in env.split(","))
-    return 64, 8, 2, 1024
+        values = [int(x) for x in env.split(",")]
+        return (*values[:4], values[4] if len(values) > 4 else block)
+    if q.device.type != "cuda":
+        return 16, 4, 1, 8, block
+    return 64, 8, 2, 1024, block
 
 
 BLOCKS_BELOW_GROUP = 5
@@ -545,7 +552,7 @@ def selected_backward(
         params.scale, params.scale * LOG2E, ACCUM=accum_dq, KT=keys, **{**consts, "num_warps": warps},
     )  # fmt: skip
     max_blocks = triton.cdiv(max_len, params.block_size)
-    block_m, warps, stages, chunk = _dkdv_config(q)
+    block_m, warps, stages, chunk, keys = _dkdv_config(q, consts["BS"])
     pos, _, seg, work_seg, work_off = invert_selection(idx, cu, max_blocks, chunk)
     for key in ("BH", "TOPN", "num_warps", "num_stages"):
         consts.pop(key)
@@ -553,13 +560,13 @@ def selected_backward(
     bs, bdk, bdv = consts["BS"], consts["BDK"], consts["BDV"]
     part_k = torch.empty(n_work, bs, bdk, dtype=torch.float32, device=q.device)
     part_v = torch.empty(n_work, bs, bdv, dtype=torch.float32, device=q.device)
-    selected_dkdv_kernel[(n_work,)](
+    selected_dkdv_kernel[(n_work * (bs // keys),)](
         q, k, v, gates, do, lse, delta, part_k, part_v, cu, pos, seg, work_seg, work_off,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         gates.stride(0), gates.stride(1), do.stride(0), do.stride(1), lse.stride(0), lse.stride(1),
         delta.stride(0), delta.stride(1), n_seq, max_blocks, hkv * n_seq * max_blocks,
-        params.scale, params.scale * LOG2E, BLOCK_M=block_m, CHUNK=chunk, num_warps=warps, num_stages=stages,
-        **consts,
+        params.scale, params.scale * LOG2E, BLOCK_M=block_m, CHUNK=chunk, KB=keys, num_warps=warps,
+        num_stages=stages, **consts,
     )  # fmt: skip
     selected_dkdv_reduce_kernel[(max_blocks, hkv, n_seq)](
         part_k, part_v, dk, dv, cu, work_off, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
