@@ -43,8 +43,9 @@ def main() -> None:
 
     def inversion(idx, cu, max_blocks, chunk, **_):
         cells, segments = idx.numel(), hkv * max_blocks
-        sizes = (cells, cells, segments + 1, segments + cells // chunk, segments + 1)
-        return tuple(torch.empty(n, dtype=torch.int64, device="meta") for n in sizes)
+        sizes = (cells, cells, segments + 1, segments + -(-cells // chunk), segments + 1)
+        types = (torch.int32, torch.int64, torch.int64, torch.int32, torch.int64)  # as invert_selection's
+        return tuple(torch.empty(n, dtype=t, device="meta") for n, t in zip(sizes, types, strict=True))
 
     calls = []
     for name in KERNELS:

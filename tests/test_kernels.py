@@ -282,6 +282,15 @@ def test_backward_with_selected_blocks_in_key_tiles_matches_reference(hq, hkv, o
     _check_backward(hq, hkv, 75, DEFAULTISH, False, rng)
 
 
+@pytest.mark.parametrize(
+    "override", [("NSA_SLC_DQ", "2,64"), ("NSA_SLC_DQ", "2,24"), ("NSA_SLC_DKDV", "16,4,1,8,8")]
+)
+def test_key_tile_overrides_that_do_not_divide_the_block_are_refused(override, rng, monkeypatch):
+    monkeypatch.setenv(*override)
+    with pytest.raises(ValueError, match=f"{override[0]}: keys per tile"):
+        _check_backward(4, 1, 40, DEFAULTISH, False, rng)
+
+
 def _check_backward(hq, hkv, t, params, separate, rng):
     x = _inputs(1, t, hq, hkv, 16, 32, params, rng, separate_win=separate)
     p = params.resolved(16)

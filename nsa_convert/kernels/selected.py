@@ -3,8 +3,8 @@
 Group-centric loading: one program holds all G query heads of a KV head at one position (rows padded to
 16 for the matrix units) and walks that position's selected blocks, so each K/V block it loads serves the
 whole group. The dk/dv pass inverts the selection (which positions chose block j) with a stable sort and
-gives each (block, KV head) one program that gathers those positions × group heads into its row tiles: the
-result is written once per key, without atomics, so it is deterministic.
+gives each (block, KV head, chunk of those positions) programs that gather the positions × group heads into
+their row tiles; the chunks' partial sums are added in chunk order, without atomics, so it is deterministic.
 
 For small groups the position-by-position forward is bound by its K/V gathers (n·l' keys per position for
 only G rows), so below BLOCKS_BELOW_GROUP the forward goes block by block too: each program loads one K/V
@@ -196,7 +196,8 @@ def selected_fwd_blocks_kernel(
 ):  # fmt: skip
     """Block j of one KV head against up to CHUNK of the positions that chose it: for each (position, head)
     row, the block's softmax-normalised output into PART_O and its log2-sum-exp into PART_L, both at row
-    ENTRY·G + head (see invert_selection). Work items as in selected_dkdv_kernel."""
+    ENTRY·G + head (see invert_selection). Work item w is program w: chunk w − WORK_OFF[seg] of segment
+    seg = WORK_SEG[w], as in selected_dkdv_kernel."""
     w = tl.program_id(0)
     seg = tl.load(WORK_SEG + w)
     if seg >= n_seg:
@@ -291,7 +292,7 @@ def selected_dkdv_kernel(
     work item are neighbours, so they read its rows of q and dO from L2 about together).
 
     POS lists, per (h, sequence, block) segment SEG[(h·n_seq + b)·max_blocks + j] … SEG[… + 1], the packed
-    token index of each position that selected block j, ascending. Work item w (one program) is chunk
+    token index of each position that selected block j, ascending. Work item w (BS / KB programs) is chunk
     w − WORK_OFF[seg] of segment seg = WORK_SEG[w]; rows are those positions × the G group heads. Chunking
     keeps block 0 (chosen by every position) from serialising the pass; PART_K/PART_V [W, BS, BDK|BDV].
     """
@@ -411,7 +412,7 @@ def _dq_config(q, block: int) -> tuple[int, int]:
     env = os.environ.get("NSA_SLC_DQ")
     if env:
         warps, keys = (int(x) for x in env.split(","))
-        return warps, keys
+        return warps, _key_tile("NSA_SLC_DQ", keys, block)
     return (2 if q.device.type == "cuda" else 4), block
 
 
@@ -424,10 +425,17 @@ def _dkdv_config(q, block: int) -> tuple[int, int, int, int, int]:
     env = os.environ.get("NSA_SLC_DKDV")
     if env:
         values = [int(x) for x in env.split(",")]
-        return (*values[:4], values[4] if len(values) > 4 else block)
+        return (*values[:4], _key_tile("NSA_SLC_DKDV", values[4], block) if len(values) > 4 else block)
     if q.device.type != "cuda":
         return 16, 4, 1, 8, block
     return 64, 8, 2, 1024, block
+
+
+def _key_tile(variable: str, keys: int, block: int) -> int:
+    """An override's keys per tile: a power of two from 16 up to the padded block (so it divides it)."""
+    if keys < 16 or keys > block or keys & (keys - 1):
+        raise ValueError(f"{variable}: keys per tile must be a power of two from 16 to {block}, got {keys}")
+    return keys
 
 
 BLOCKS_BELOW_GROUP = 5
