@@ -14,6 +14,7 @@ import argparse
 from types import SimpleNamespace
 
 import torch
+import triton
 from bench_attention import CONFIGS, PARAMS
 from decode_occupancy import Recorder, compile_call
 
@@ -43,7 +44,7 @@ def main() -> None:
 
     def inversion(idx, cu, max_blocks, chunk, **_):
         cells, segments = idx.numel(), hkv * max_blocks
-        sizes = (cells, cells, segments + 1, segments + -(-cells // chunk), segments + 1)
+        sizes = (cells, cells, segments + 1, segments + triton.cdiv(cells, chunk), segments + 1)
         types = (torch.int32, torch.int64, torch.int64, torch.int32, torch.int64)  # as invert_selection's
         return tuple(torch.empty(n, dtype=t, device="meta") for n, t in zip(sizes, types, strict=True))
 
@@ -52,11 +53,11 @@ def main() -> None:
         setattr(selected, name, Recorder(getattr(selected, name), calls))
     selected.invert_selection = inversion
     selected.BLOCKS_BELOW_GROUP = 0  # the position-by-position forward (the block one needs host offsets)
-    cuda = SimpleNamespace(device=torch.device("cuda"))  # what the config functions ask of a tensor
+    # The config functions ask a tensor only its device (and shape): give them a CUDA one's answers.
     dkdv_config, dq_config, gather = selected._dkdv_config, selected._dq_config, selected._gather_consts
-    selected._dkdv_config = lambda x, block: dkdv_config(cuda, block)
-    selected._dq_config = lambda x, block: dq_config(cuda, block)
-    selected._gather_consts = lambda *a: {**gather(*a), "num_stages": 2}
+    selected._dkdv_config = lambda x, block: dkdv_config(_on_cuda(x), block)
+    selected._dq_config = lambda x, block: dq_config(_on_cuda(x), block)
+    selected._gather_consts = lambda x, *rest: gather(_on_cuda(x), *rest)
     selected.selected_forward(q, k, v, idx, gates, acc, lse, cu, seq_len, params, accumulate=True)
     selected.selected_backward(
         q, k, v, idx, gates, do, lse, dq, delta, dk, dv, cu, seq_len, params, accum_dq=True
@@ -64,6 +65,10 @@ def main() -> None:
     print(f"{args.config} T={seq_len}")
     for call in calls:
         compile_call(*call)
+
+
+def _on_cuda(x: torch.Tensor) -> SimpleNamespace:
+    return SimpleNamespace(device=torch.device("cuda"), shape=x.shape)
 
 
 if __name__ == "__main__":

@@ -205,8 +205,7 @@ def _cmp_window_kernel(
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, CSTRIDE: tl.constexpr, CSPAN: tl.constexpr,
     BLOCK: tl.constexpr, RATIO: tl.constexpr, QC: tl.constexpr, NW: tl.constexpr, NSEL: tl.constexpr,
     WINDOW: tl.constexpr, BWIN: tl.constexpr, SPAN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr,
-    BDV: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr, LATE_WIN: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, PDL: tl.constexpr, MERGE: tl.constexpr, LATE_WIN: tl.constexpr,
 ):  # fmt: skip
     """Program (b·HKV + h, i): compressed slice i (i < n_split) or, unless LATE_WIN, window span i − n_split
     of one (b, h)."""
@@ -350,7 +349,8 @@ def _selected_kernel(
     n_new, n_chunks, rows_k, rows_w, scale_log2,
     HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, SEL: tl.constexpr, BS: tl.constexpr,
     SLOTS: tl.constexpr, GATHER: tl.constexpr, TOPN: tl.constexpr, WINDOW: tl.constexpr, BWIN: tl.constexpr,
-    SPAN: tl.constexpr, NLATE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, PDL: tl.constexpr,
+    SPAN: tl.constexpr, NLATE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
+    BDV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (b·HKV + h, i): window span i < NLATE of one (b, KV head), or slots (i − NLATE)·SLOTS … (each
     new token's indices, ascending) and their partial. Window spans need no selection: they come first and
@@ -568,7 +568,8 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         v_win.stride(2), indices.stride(0), indices.stride(1), indices.stride(2),
         n, n_chunks, rows_k, k_win.shape[1], scale_log2,
         HKV=hkv, GROUP=group, ROWS=rows_p, SEL=block, BS=max(16, triton.next_power_of_2(block)), SLOTS=SLOTS,
-        GATHER=GATHER, TOPN=top_n, WINDOW=params.window, BWIN=BW, SPAN=span, NLATE=late, DK=dk, DV=dv, BDK=bdk, BDV=bdv, PDL=pdl,
+        GATHER=GATHER, TOPN=top_n, WINDOW=params.window, BWIN=BW, SPAN=span, NLATE=late, DK=dk, DV=dv,
+        BDK=bdk, BDV=bdv, PDL=pdl,
         num_warps=4, num_stages=SLOT_STAGES, launch_pdl=pdl,
     )  # fmt: skip
     out = _empty(batch, n, hq, dv, dtype=q.dtype, device=device)
