@@ -14,6 +14,7 @@ import torch
 from naive_nsa import naive_nsa
 
 from nsa_convert import ops, reference
+from nsa_convert.kernels import buffers
 from nsa_convert.kernels import compress as compress_kernels
 from nsa_convert.kernels import decode as kernels
 from nsa_convert.nn.cache import ROUND, NSACacheLayer, _Timeline
@@ -227,7 +228,7 @@ KERNEL_CASES = [
 def test_kernels_match_reference(rng, monkeypatch, q_heads, kv_heads, lengths, n, late_window):
     """Also with the window in the slot launch, in spans of two 16-key tiles (sequences shorter than the
     window, a separate window cache cut to what the step needs)."""
-    monkeypatch.setattr(kernels, "POISON", True)
+    monkeypatch.setattr(buffers, "POISON", True)
     if late_window:
         monkeypatch.setattr(kernels, "LATE_WINDOW", 1)
         monkeypatch.setattr(kernels, "BW", 16)
@@ -294,7 +295,7 @@ def test_window_span_must_be_whole_tiles(rng, monkeypatch):
 
 
 def _check_small_tiles(rng, monkeypatch, geometry, q_heads, kv_heads, lengths, n):
-    monkeypatch.setattr(kernels, "POISON", True)
+    monkeypatch.setattr(buffers, "POISON", True)
     monkeypatch.setattr(kernels, "BC", 16)
     monkeypatch.setattr(kernels, "PART", 16)
     monkeypatch.setattr(kernels, "MAX_PARTS", 4)
@@ -519,7 +520,7 @@ GPU_CASES = [
 def test_gpu_kernels_match_reference(rng, monkeypatch, q_heads, kv_heads, dim, dtype, n):
     """Default geometry, three sequences of different lengths: the reference for the kernel's own selection,
     and that selection is the top-n of the float64 importance up to rounding."""
-    monkeypatch.setattr(kernels, "POISON", True)
+    monkeypatch.setattr(buffers, "POISON", True)
     params = SparsityParams().resolved(dim)
     sequences = [sequence(rng, t, q_heads, kv_heads, dim, dtype, params=params) for t in (3001, 2048, 700)]
     inputs = {k: v.cuda() for k, v in batch_cache(rng, sequences, n, params).items()}
@@ -549,7 +550,7 @@ def test_gpu_long_context_kernels_match_reference(
     """Contexts long enough for many compressed splits and several ranked parts, bf16, default geometry;
     the window in 64-key programs or longer ones, in the compressed launch or (running beside select) in the
     slot launch."""
-    monkeypatch.setattr(kernels, "POISON", True)
+    monkeypatch.setattr(buffers, "POISON", True)
     monkeypatch.setattr(kernels, "LATE_WINDOW", late_window)
     monkeypatch.setattr(kernels, "WIN_SPAN", win_span)
     params = SparsityParams().resolved(128)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nsa_convert.kernels import (
+    buffers,
     nsa_backward,
     nsa_backward_varlen,
     nsa_forward,
@@ -22,6 +23,12 @@ from nsa_convert.kernels import (
     selection,
 )
 from nsa_convert.spec import SparsityParams, num_compressed_blocks
+
+
+@pytest.fixture(autouse=True)
+def poison_buffers(monkeypatch):
+    """Every buffer a kernel must write starts as NaN (−7777 for indices), so an unwritten element shows."""
+    monkeypatch.setattr(buffers, "POISON", True)
 
 
 def _importance(q, k_cmp, params):

@@ -2,7 +2,7 @@
 
 The reference takes the kernel's own selection (bf16 scores may break near-ties differently) and is checked
 for that selection separately: the chosen blocks' float32 importance must match the best available.
-Every buffer the kernels write is poisoned first (nsa.POISON), so an unwritten element shows as NaN.
+Every buffer the kernels write is poisoned first (buffers.POISON), so an unwritten element shows as NaN.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nsa_convert.kernels import nsa as nsa_mod
-from nsa_convert.kernels import nsa_backward, nsa_forward
+from nsa_convert.kernels import buffers, nsa_backward, nsa_forward
 from nsa_convert.spec import SparsityParams, num_compressed_blocks
 
 pytestmark = pytest.mark.gpu
@@ -89,7 +88,7 @@ PAPER = SparsityParams()
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(nsa_mod, "POISON", True)
+    monkeypatch.setattr(buffers, "POISON", True)
 
 
 @pytest.mark.parametrize(

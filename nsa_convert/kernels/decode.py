@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from nsa_convert.kernels.banded import n_visible
+from nsa_convert.kernels.buffers import empty
 from nsa_convert.spec import SparsityParams, num_compressed_blocks, num_selection_blocks
 
 LOG2E = 1.4426950408889634
@@ -79,14 +80,6 @@ the H100, three programs fit per multiprocessor, at 128 four)."""
 LATE_WINDOW = 0
 """1: the window programs run in the slot launch, first and beside the select launch (they need no selection),
 instead of in the compressed launch, beside the compressed slices."""
-POISON = False
-"""Tests set this to fill every buffer the kernels must write with NaN (or −7777 for indices) first."""
-
-
-def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if not POISON:
-        return torch.empty(*shape, dtype=dtype, device=device)
-    return torch.full(shape, float("nan") if dtype.is_floating_point else -7777, dtype=dtype, device=device)
 
 
 @triton.jit
@@ -518,20 +511,20 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
     f32 = dict(dtype=torch.float32, device=device)
     pdl = _use_pdl(device)
     # Eq. 9 terms, two planes: the blocks whose home a tile is, then the next tile's first blocks.
-    pieces = _empty(2, batch * hkv, rows_p, triton.cdiv(tiles * bc, ratio) + nw, **f32)
-    tile_max = _empty(batch * hkv, tiles, rows_p, **f32)
-    pm, pl = (_empty(batch * hkv, n_split, rows_p, **f32) for _ in range(2))
-    pa = _empty(batch * hkv, n_split, rows_p, bdv, **f32)
-    pm2, pl2 = (_empty(batch * hkv, n_chunks, rows_p, **f32) for _ in range(2))
-    pa2 = _empty(batch * hkv, n_chunks, rows_p, bdv, **f32)
+    pieces = empty(2, batch * hkv, rows_p, triton.cdiv(tiles * bc, ratio) + nw, **f32)
+    tile_max = empty(batch * hkv, tiles, rows_p, **f32)
+    pm, pl = (empty(batch * hkv, n_split, rows_p, **f32) for _ in range(2))
+    pa = empty(batch * hkv, n_split, rows_p, bdv, **f32)
+    pm2, pl2 = (empty(batch * hkv, n_chunks, rows_p, **f32) for _ in range(2))
+    pa2 = empty(batch * hkv, n_chunks, rows_p, bdv, **f32)
     blocks = max(1, num_selection_blocks(rows_k, block))
     top_np = triton.next_power_of_2(top_n)
     part = max(PART, top_np, triton.next_power_of_2(triton.cdiv(blocks, MAX_PARTS)))
     parts = triton.cdiv(blocks, part)
-    indices = _empty(batch, n, hkv, top_n, dtype=torch.int64, device=device)
+    indices = empty(batch, n, hkv, top_n, dtype=torch.int64, device=device)
     if parts > 1:
-        keys = _empty(batch * hkv, n, parts, top_np, dtype=torch.int64, device=device)
-        counts = _empty(batch * hkv, n, dtype=torch.int32, device=device)  # finished part programs per token
+        keys = empty(batch * hkv, n, parts, top_np, dtype=torch.int64, device=device)
+        counts = empty(batch * hkv, n, dtype=torch.int32, device=device)  # finished part programs per token
     else:  # the kernels never touch them
         keys, counts = indices, lens
     k_win = k if k_win is None else k_win
@@ -572,8 +565,8 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         BDK=bdk, BDV=bdv, PDL=pdl,
         num_warps=4, num_stages=SLOT_STAGES, launch_pdl=pdl,
     )  # fmt: skip
-    out = _empty(batch, n, hq, dv, dtype=q.dtype, device=device)
-    lse = _empty(batch, n, hq, 3, **f32)
+    out = empty(batch, n, hq, dv, dtype=q.dtype, device=device)
+    lse = empty(batch, n, hq, 3, **f32)
     dvs = min(DV_SLICE, bdv)
     gh = min(HEADS, gp)
     cps = [triton.next_power_of_2(count) for count in (n_split, n_sel, n_win)]

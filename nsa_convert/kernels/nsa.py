@@ -12,19 +12,10 @@ from __future__ import annotations
 import torch
 
 from nsa_convert.kernels.banded import FINAL, LSE_ONLY, STORE_ACC, banded_backward, banded_forward
+from nsa_convert.kernels.buffers import empty
 from nsa_convert.kernels.selected import selected_backward, selected_forward
 from nsa_convert.kernels.selection import select_launch
 from nsa_convert.spec import SparsityParams, num_compressed_blocks
-
-POISON = False
-"""Tests set this to fill every buffer the kernels must write with NaN (or −7777 for indices) first."""
-
-
-def _empty(*shape, dtype, device) -> torch.Tensor:
-    if not POISON:
-        return torch.empty(*shape, dtype=dtype, device=device)
-    fill = float("nan") if dtype.is_floating_point else -7777
-    return torch.full(shape, fill, dtype=dtype, device=device)
 
 
 def _cu(lengths: list[int], device) -> torch.Tensor:
@@ -71,12 +62,12 @@ def select_blocks_varlen(q, k_cmp, params, cu_seqlens, cu_seqlens_cmp=None, max_
     cu, cu_c, max_len, _ = _geometry(cu_seqlens, cu_seqlens_cmp, max_seqlen, params)
     n, hq, _ = q.shape
     hkv = k_cmp.shape[1]
-    lse = _empty(n, hq, 3, dtype=torch.float32, device=q.device)
+    lse = empty(n, hq, 3, dtype=torch.float32, device=q.device)
     banded_forward(
         q, k_cmp, k_cmp, lse, lse, None, lse, cu, cu_c, max_len, stride=params.compress_stride,
         span=params.compress_block, window=0, branch=0, mode=LSE_ONLY, scale=params.scale,
     )  # fmt: skip
-    idx = _empty(n, hkv, params.top_n, dtype=torch.int64, device=q.device)
+    idx = empty(n, hkv, params.top_n, dtype=torch.int64, device=q.device)
     select_launch(q, k_cmp, lse[..., 0], idx, cu, cu_c, max_len, params)
     return idx
 
@@ -98,14 +89,14 @@ def nsa_forward_varlen(
     cu, cu_c, max_len, _ = _geometry(cu_seqlens, cu_seqlens_cmp, max_seqlen, params)
     n, hq, _ = q.shape
     hkv, dv = k.shape[1], v.shape[2]
-    acc = _empty(n, hq, dv, dtype=torch.float32, device=q.device)
-    out = _empty(n, hq, dv, dtype=q.dtype, device=q.device)
-    lse = _empty(n, hq, 3, dtype=torch.float32, device=q.device)
+    acc = empty(n, hq, dv, dtype=torch.float32, device=q.device)
+    out = empty(n, hq, dv, dtype=q.dtype, device=q.device)
+    lse = empty(n, hq, 3, dtype=torch.float32, device=q.device)
     banded_forward(
         q, k_cmp, v_cmp, gates, acc, None, lse, cu, cu_c, max_len, stride=params.compress_stride,
         span=params.compress_block, window=0, branch=0, mode=STORE_ACC, scale=params.scale,
     )  # fmt: skip
-    idx = _empty(n, hkv, params.top_n, dtype=torch.int64, device=q.device)
+    idx = empty(n, hkv, params.top_n, dtype=torch.int64, device=q.device)
     select_launch(q, k_cmp, lse[..., 0], idx, cu, cu_c, max_len, params)
     selected_forward(q, k, v, idx, gates, acc, lse, cu, max_len, params, accumulate=True)
     kw = k if k_win is None else k_win
@@ -128,25 +119,25 @@ def nsa_backward_varlen(
     cu, cu_c, max_len, max_c = _geometry(cu_seqlens, cu_seqlens_cmp, max_seqlen, params)
     do = grad_out.contiguous()
     f32 = dict(dtype=torch.float32, device=q.device)
-    dq = _empty(*q.shape, **f32)
-    dgates = _empty(*gates.shape, **f32)
-    dk_cmp = _empty(*k_cmp.shape, **f32)
-    dv_cmp = _empty(*v_cmp.shape, **f32)
+    dq = empty(*q.shape, **f32)
+    dgates = empty(*gates.shape, **f32)
+    dk_cmp = empty(*k_cmp.shape, **f32)
+    dv_cmp = empty(*v_cmp.shape, **f32)
     banded_backward(
         q, k_cmp, v_cmp, gates, do, lse, dq, dgates, dk_cmp, dv_cmp, cu, cu_c, max_len, max_c,
         stride=params.compress_stride, span=params.compress_block, window=0, branch=0, scale=params.scale,
         accum_dq=False, accum_dkv=False,
     )  # fmt: skip
-    dk = _empty(*k.shape, **f32)
-    dv = _empty(*v.shape, **f32)
+    dk = empty(*k.shape, **f32)
+    dv = empty(*v.shape, **f32)
     selected_backward(
         q, k, v, indices, gates, do, lse, dq, dgates, dk, dv, cu, max_len, params, accum_dq=True
     )
     separate = k_win is not None
     kw = k_win if separate else k
     vw = v_win if separate else v
-    dkw = _empty(*kw.shape, **f32) if separate else dk
-    dvw = _empty(*vw.shape, **f32) if separate else dv
+    dkw = empty(*kw.shape, **f32) if separate else dk
+    dvw = empty(*vw.shape, **f32) if separate else dv
     banded_backward(
         q, kw, vw, gates, do, lse, dq, dgates, dkw, dvw, cu, cu, max_len, max_len, stride=1, span=1,
         window=params.window, branch=2, scale=params.scale, accum_dq=True, accum_dkv=not separate,

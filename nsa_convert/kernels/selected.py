@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from nsa_convert.kernels.banded import ADD_ACC, LN2_C, LOG2E
+from nsa_convert.kernels.buffers import empty
 
 
 @triton.jit
@@ -492,8 +493,8 @@ def _selected_forward_blocks(q, k, v, idx, gates, acc, lse, cu, max_len, params,
         pos, entry, seg, work_seg, work_off = invert_selection(
             idx[first : first + n], cu, max_blocks, chunk, first, seq_first, n_seq
         )
-        part_o = torch.empty(hkv * n * top_n * group, bdv, dtype=q.dtype, device=q.device)
-        part_l = torch.empty(part_o.shape[0], dtype=torch.float32, device=q.device)
+        part_o = empty(hkv * n * top_n * group, bdv, dtype=q.dtype, device=q.device)
+        part_l = empty(part_o.shape[0], dtype=torch.float32, device=q.device)
         selected_fwd_blocks_kernel[(work_seg.numel(),)](
             q, k, v, part_o, part_l, cu, pos, entry.to(torch.int32), seg, work_seg, work_off,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -566,8 +567,8 @@ def selected_backward(
         consts.pop(key)
     n_work = work_seg.numel()
     bs, bdk, bdv = consts["BS"], consts["BDK"], consts["BDV"]
-    part_k = torch.empty(n_work, bs, bdk, dtype=torch.float32, device=q.device)
-    part_v = torch.empty(n_work, bs, bdv, dtype=torch.float32, device=q.device)
+    part_k = empty(n_work, bs, bdk, dtype=torch.float32, device=q.device)
+    part_v = empty(n_work, bs, bdv, dtype=torch.float32, device=q.device)
     selected_dkdv_kernel[(n_work * (bs // keys),)](
         q, k, v, gates, do, lse, delta, part_k, part_v, cu, pos, seg, work_seg, work_off,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
