@@ -21,8 +21,7 @@ import triton
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from nsa_convert.kernels import nsa as nsa_mod
-from nsa_convert.kernels import nsa_backward, nsa_forward
+from nsa_convert.kernels import buffers, nsa_backward, nsa_forward
 from nsa_convert.kernels.banded import FINAL, STORE_ACC, banded_backward, banded_forward
 from nsa_convert.kernels.selected import selected_backward, selected_forward
 from nsa_convert.kernels.selection import select_launch
@@ -150,11 +149,11 @@ def _pairs(t, params):
     return nvis.sum().item(), slc.sum().item(), win.sum().item()
 
 
-def breakdown(b, hq, hkv, d, t, params, matmul_tflops):
-    """Per-branch milliseconds and TFLOP/s (4·D flops per visible pair forward, 10·D backward)."""
+def branch_steps(b, hq, hkv, d, t, params, dev="cuda", dt=torch.bfloat16):
+    """The kernel launches of one NSA forward + backward, branch by branch, on random inputs: (steps, outputs).
+    Run in order, each step's inputs are the earlier steps' outputs (lse, selections)."""
     from nsa_convert.kernels.nsa import _batch_cu, _pack
 
-    dev, dt = "cuda", torch.bfloat16
     p = params.resolved(d)
     tc = num_compressed_blocks(t, p.compress_block, p.compress_stride)
     q = _pack(torch.randn(b, t, hq, d, device=dev, dtype=dt))
@@ -205,6 +204,13 @@ def breakdown(b, hq, hkv, d, t, params, matmul_tflops):
             q, k, v, gates, do, lse, dq, dg, dk, dv, cu, cu, t, t, accum_dq=True, accum_dkv=True, **win
         ),
     }
+    return steps, dict(dq=dq, dg=dg, dk=dk, dv=dv, dkc=dkc, dvc=dvc, out=out, lse=lse, idx=idx)
+
+
+def breakdown(b, hq, hkv, d, t, params, matmul_tflops):
+    """Per-branch milliseconds and TFLOP/s (4·D flops per visible pair forward, 10·D backward)."""
+    steps, _ = branch_steps(b, hq, hkv, d, t, params)
+    p = params.resolved(d)
     n_cmp, n_slc, n_win = _pairs(t, p)
     pairs = {"cmp": n_cmp, "select": n_cmp / 2, "slc": n_slc, "win": n_win}
     rows = []
@@ -236,7 +242,7 @@ def main():
     ap.add_argument("--breakdown", type=int, nargs="*", default=[])
     ap.add_argument("--no-flex", action="store_true")
     args = ap.parse_args()
-    nsa_mod.POISON = False
+    buffers.POISON = False
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     commit = os.environ.get("NSA_BENCH_COMMIT", git.stdout.strip())  # the device's tree copy has no .git
     rate = matmul_rate()
