@@ -8,7 +8,7 @@ selected backward sees real lse, selections and gates. Every variant (one overri
 both) then runs `slc bwd` once on zeroed dq, to compare dq, the gate gradients, dk and dv with the
 default's (other key tiles change the float32 summation order: about 1e-6 of the largest value; anything
 near 1 is a bug), and is timed (median of `triton.testing.do_bench`). The overrides are read at each
-launch, so one process can time them all; `selected_occupancy.py` gives their registers offline.
+launch, so one process can time them all; `training_occupancy.py` gives their registers offline.
 """
 
 from __future__ import annotations

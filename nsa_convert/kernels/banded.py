@@ -365,10 +365,7 @@ def banded_backward(
     if max_len_k == 0:
         return
     n_kb = triton.cdiv(max_len_k, kv_block_n)
-    target = (
-        SPLITS_PER_SM * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
-    )
-    splits = 1 if window else max(1, min(64, triton.cdiv(target, n_kb * hkv * n_seq)))
+    splits = _dkdv_splits(q, n_kb * hkv * n_seq, window)
     out_k, out_v = dk, dv
     if splits > 1:
         out_k = torch.empty(splits, *dk.shape, dtype=dk.dtype, device=dk.device)
@@ -389,6 +386,15 @@ def banded_backward(
                 total.add_(parts.sum(0))
             else:
                 torch.sum(parts, 0, out=total)
+
+
+def _dkdv_splits(q, n_programs: int, window: int) -> int:
+    """Row splits of the dk/dv pass with n_programs key blocks: SPLITS_PER_SM programs per multiprocessor in
+    all; one for the window branch, whose keys each see only the rows of one window."""
+    if window:
+        return 1
+    target = SPLITS_PER_SM * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+    return max(1, min(64, triton.cdiv(target, n_programs)))
 
 
 def _fwd_config(dk: int, dv: int, device: str):
