@@ -40,7 +40,10 @@ def run_variant(step, outputs: dict, name: str, value: str) -> tuple[dict[str, t
     outputs["dq"].zero_()
     step()
     grads = {g: outputs[g].clone() for g in GRADIENTS}
-    return grads, _bench(step)
+    grads["dg"] = grads["dg"][..., 1]  # the selected branch's gate column; the others are not written here
+    ms = _bench(step)
+    os.environ.pop(name, None)
+    return grads, ms
 
 
 def main() -> None:
@@ -74,7 +77,7 @@ def main() -> None:
             records.append(
                 dict(config=config, override=label, ms=ms, errors=dict(zip(GRADIENTS, errors, strict=True)))
             )
-        del steps, outputs
+        del steps, outputs, ref, grads
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

@@ -4,13 +4,14 @@
     NSA_SLC_DQ=2,16 PYTHONPATH=... python3 benchmarks/training_occupancy.py llama-G4
 
 The launches of one forward and backward, branch by branch as `bench_attention.branch_steps` makes them
-(the banded kernels of the compressed and window branches, the selection, the position-by-position
-selected forward and the selected backward), run on meta tensors with the launch parameters the GPU would
+(the banded kernels of the compressed and window branches, the position-by-position selected forward and
+the selected backward; the selection's launches are skipped, their parameters are chosen inline from the
+device), run on meta tensors with the launch parameters the GPU would
 get (the `NSA_SLC_*` overrides apply as on the GPU). They are recorded and compiled as in
 `decode_occupancy.py`, which prints registers, spilled stack, shared memory, programs per multiprocessor
 and waves. The selection's inversion needs data, so its outputs are stand-ins of the right sizes (the grid
 of the selected dk/dv pass is its static upper bound). (Named `selected_occupancy.py`, selected kernels
-only, before 2026-12-07.)
+only, until the sixth session of 2026-12-07.)
 """
 
 import argparse
@@ -25,7 +26,6 @@ from nsa_convert.kernels import banded, selected, selection
 
 KERNELS = {
     banded: ("banded_fwd_kernel", "banded_bwd_dq_kernel", "banded_bwd_dkdv_kernel"),
-    selection: ("select_scores_kernel", "select_topn_kernel"),
     selected: (
         "selected_fwd_kernel",
         "selected_dq_kernel",
@@ -53,6 +53,8 @@ def main() -> None:
     for module, names in KERNELS.items():
         for name in names:
             setattr(module, name, Recorder(getattr(module, name), calls))
+    for name in ("select_scores_kernel", "select_topn_kernel"):
+        setattr(selection, name, Recorder(getattr(selection, name), []))
     selected.invert_selection = inversion
     selected.BLOCKS_BELOW_GROUP = 0  # the position-by-position forward (the block one needs host offsets)
     # The config functions ask a tensor or device string only whether it is CUDA: give them a GPU's answers.

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nsa_convert.kernels.buffers import empty
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -368,8 +370,8 @@ def banded_backward(
     splits = _dkdv_splits(q, n_kb * hkv * n_seq, window)
     out_k, out_v = dk, dv
     if splits > 1:
-        out_k = torch.empty(splits, *dk.shape, dtype=dk.dtype, device=dk.device)
-        out_v = torch.empty(splits, *dv.shape, dtype=dv.dtype, device=dv.device)
+        out_k = empty(splits, *dk.shape, dtype=dk.dtype, device=dk.device)
+        out_v = empty(splits, *dv.shape, dtype=dv.dtype, device=dv.device)
     sk3 = out_k.stride() if splits > 1 else (0, *dk.stride())
     sv3 = out_v.stride() if splits > 1 else (0, *dv.stride())
     banded_bwd_dkdv_kernel[(n_kb, hkv * splits, n_seq)](
@@ -393,7 +395,9 @@ def _dkdv_splits(q, n_programs: int, window: int) -> int:
     all; one for the window branch, whose keys each see only the rows of one window."""
     if window:
         return 1
-    target = SPLITS_PER_SM * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+    target = (
+        SPLITS_PER_SM * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+    )
     return max(1, min(64, triton.cdiv(target, n_programs)))
 
 

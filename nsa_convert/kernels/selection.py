@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from nsa_convert.kernels.banded import LOG2E, n_visible
+from nsa_convert.kernels.buffers import empty
 
 
 @triton.jit
@@ -195,7 +196,7 @@ def select_launch(q, k_cmp, lse_cmp, indices, cu_q, cu_k, max_len, params):
     align = max(bt, rb)
     chunk = max(align, SCORES_BYTES // (4 * n_seq * hkv * nbp) // align * align)
     chunk = min(chunk, triton.cdiv(max_len, align) * align)
-    scores = torch.empty(n_seq * chunk, hkv, nbp, dtype=torch.float32, device=q.device)
+    scores = empty(n_seq * chunk, hkv, nbp, dtype=torch.float32, device=q.device)
     for c0 in range(0, max_len, chunk):
         select_scores_kernel[(triton.cdiv(min(chunk, max_len - c0), bt), hkv, n_seq)](
             q, k_cmp, lse_cmp, scores, cu_q, cu_k,
