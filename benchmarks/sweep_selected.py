@@ -24,6 +24,7 @@ from nsa_convert.kernels import buffers
 
 FORWARD = ("cmp fwd", "select", "slc fwd", "win fwd")
 GRADIENTS = ("dq", "dg", "dk", "dv")
+OVERRIDES = ("NSA_SLC_DQ", "NSA_SLC_DKDV")
 
 
 def variants(dq: list[str], dkdv: list[str]) -> list[tuple[str, str]]:
@@ -32,18 +33,20 @@ def variants(dq: list[str], dkdv: list[str]) -> list[tuple[str, str]]:
 
 
 def run_variant(step, outputs: dict, name: str, value: str) -> tuple[dict[str, torch.Tensor], float]:
-    """Gradients of one `slc bwd` launch from zeroed dq, and its median milliseconds, under one override."""
-    for var in ("NSA_SLC_DQ", "NSA_SLC_DKDV"):
-        os.environ.pop(var, None)
+    """Gradients of one `slc bwd` launch from zeroed dq, and its median milliseconds, under one override
+    (set only while it runs)."""
     if name:
         os.environ[name] = value
-    outputs["dq"].zero_()
-    step()
-    grads = {g: outputs[g].clone() for g in GRADIENTS}
-    grads["dg"] = grads["dg"][..., 1]  # the selected branch's gate column; the others are not written here
-    ms = _bench(step)
-    os.environ.pop(name, None)
-    return grads, ms
+    try:
+        outputs["dq"].zero_()
+        step()
+        grads = {g: outputs[g].clone() for g in GRADIENTS}
+        grads["dg"] = grads["dg"][
+            ..., 1
+        ]  # the selected branch's gate column; the others are not written here
+        return grads, _bench(step)
+    finally:
+        os.environ.pop(name, None)
 
 
 def main() -> None:
@@ -55,6 +58,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     buffers.POISON = False
+    for name in OVERRIDES:  # "default" must mean the kernels' own settings, not the shell's
+        os.environ.pop(name, None)
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | T={args.seqlen}")
     print("| config | override | slc bwd ms | vs default | max |Δ| / max |ref| (dq, dg, dk, dv) |")
     print("|---|---|---|---|---|")
