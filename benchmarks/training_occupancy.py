@@ -7,7 +7,7 @@ The launches of one forward and backward, branch by branch as `bench_attention.b
 (the banded kernels of the compressed and window branches, the position-by-position selected forward and
 the selected backward; the selection's launches are skipped, their parameters are chosen inline from the
 device), run on meta tensors with the launch parameters the GPU would
-get (the `NSA_SLC_*` overrides apply as on the GPU). They are recorded and compiled as in
+get (the `NSA_SLC_*` and `NSA_BANDED_*` overrides apply as on the GPU). They are recorded and compiled as in
 `decode_occupancy.py`, which prints registers, spilled stack, shared memory, programs per multiprocessor
 and waves. The selection's inversion needs data, so its outputs are stand-ins of the right sizes (the grid
 of the selected dk/dv pass is its static upper bound). (Named `selected_occupancy.py`, selected kernels
@@ -62,7 +62,7 @@ def main() -> None:
     selected._dkdv_config = lambda x, block: dkdv_config(_on_cuda(x), block)
     selected._dq_config = lambda x, block: dq_config(_on_cuda(x), block)
     selected._gather_consts = lambda x, *rest: gather(_on_cuda(x), *rest)
-    for name in ("_fwd_config", "_bwd_config", "_dkdv_blocks"):
+    for name in ("_fwd_config", "_dq_config", "_dkdv_config"):
         config = getattr(banded, name)
         setattr(banded, name, lambda dk, dv, _, config=config: config(dk, dv, "cuda"))
     splits = banded._dkdv_splits

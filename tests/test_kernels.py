@@ -298,6 +298,21 @@ def test_key_tile_overrides_that_do_not_divide_the_block_are_refused(override, r
         _check_backward(4, 1, 40, DEFAULTISH, False, rng)
 
 
+@pytest.mark.parametrize("hq,hkv", [(4, 1), (7, 1)])
+def test_backward_with_other_banded_tiles_matches_reference(hq, hkv, rng, monkeypatch):
+    """The banded passes' tile overrides: dq rows and dk/dv keys in other sizes than the forward's."""
+    monkeypatch.setenv("NSA_BANDED_DQ", "32,16,4,1")
+    monkeypatch.setenv("NSA_BANDED_DKDV", "32,16,4,1")
+    _check_backward(hq, hkv, 75, DEFAULTISH, True, rng)
+
+
+@pytest.mark.parametrize("value", ["64,64,4", "24,64,4,2", "64,64,0,2"])
+def test_malformed_banded_overrides_are_refused(value, rng, monkeypatch):
+    monkeypatch.setenv("NSA_BANDED_DKDV", value)
+    with pytest.raises(ValueError, match="NSA_BANDED_DKDV"):
+        _check_backward(4, 1, 40, DEFAULTISH, False, rng)
+
+
 def _check_backward(hq, hkv, t, params, separate, rng):
     x = _inputs(1, t, hq, hkv, 16, 32, params, rng, separate_win=separate)
     p = params.resolved(16)

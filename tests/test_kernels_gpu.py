@@ -116,6 +116,9 @@ def test_forward_bf16_long(t, hq, hkv, dk, dv, chunk):
         # The selected passes' key tiles (benchmark overrides, read at launch).
         (4096, 16, 2, 128, 128, False, {"NSA_SLC_DQ": "2,16", "NSA_SLC_DKDV": "32,4,2,1024,16"}),
         (3000, 8, 2, 128, 128, False, {"NSA_SLC_DQ": "4,32", "NSA_SLC_DKDV": "64,8,2,1024,32"}),
+        # The banded passes' tiles (the sweep's candidates that do not spill).
+        (4096, 16, 2, 128, 128, True, {"NSA_BANDED_DKDV": "64,64,8,2", "NSA_BANDED_DQ": "64,32,4,2"}),
+        (3000, 7, 1, 128, 128, False, {"NSA_BANDED_DKDV": "32,32,4,2"}),
     ],
 )
 def test_backward_bf16(t, hq, hkv, dk, dv, separate, overrides, monkeypatch):

@@ -13,6 +13,8 @@ The branch's gate and lse live in column `BRANCH` of the 3-wide tensors.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -351,10 +353,10 @@ def banded_backward(
     hq, dkh = q.shape[1], q.shape[2]
     hkv, dvh = k.shape[1], v.shape[2]
     group = hq // hkv
-    block_m, block_n, warps, stages = _bwd_config(dkh, dvh, q.device.type)
+    block_m, block_n, warps, stages = _dq_config(dkh, dvh, q.device.type)
     consts = dict(
         GROUP=group, KSTRIDE=stride, KSPAN=span, WINDOW=window, BRANCH=branch,
-        DK=dkh, DV=dvh, BDK=_pow2(dkh), BDV=_pow2(dvh), num_warps=warps, num_stages=stages,
+        DK=dkh, DV=dvh, BDK=_pow2(dkh), BDV=_pow2(dvh),
     )  # fmt: skip
     banded_bwd_dq_kernel[(triton.cdiv(max_len * group, block_m), hkv, n_seq)](
         q, k, v, gates, do, lse, dq, delta, cu_q, cu_k,
@@ -362,8 +364,9 @@ def banded_backward(
         gates.stride(0), gates.stride(1), do.stride(0), do.stride(1), lse.stride(0), lse.stride(1),
         dq.stride(0), dq.stride(1), delta.stride(0), delta.stride(1),
         scale, scale * LOG2E, ACCUM=accum_dq, BLOCK_M=block_m, BLOCK_N=block_n, **consts,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    kv_block_n, kv_block_m = _dkdv_blocks(dkh, dvh, q.device.type)
+    kv_block_n, kv_block_m, warps, stages = _dkdv_config(dkh, dvh, q.device.type)
     if max_len_k == 0:
         return
     n_kb = triton.cdiv(max_len_k, kv_block_n)
@@ -380,7 +383,7 @@ def banded_backward(
         gates.stride(0), gates.stride(1), do.stride(0), do.stride(1), lse.stride(0), lse.stride(1),
         delta.stride(0), delta.stride(1), sk3[0], sk3[1], sk3[2], sv3[0], sv3[1], sv3[2],
         splits, scale, scale * LOG2E, ACCUM=accum_dkv and splits == 1, BLOCK_M=kv_block_m,
-        BLOCK_N=kv_block_n, **consts,
+        BLOCK_N=kv_block_n, **consts, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if splits > 1:
         for total, parts in ((dk, out_k), (dv, out_v)):
@@ -410,9 +413,25 @@ def _fwd_config(dk: int, dv: int, device: str):
     return 128, 64, 8, 3
 
 
-def _bwd_config(dk: int, dv: int, device: str):
-    """(BLOCK_M, BLOCK_N, warps, stages) of both backward kernels; measured: 8 warps with halved tiles
-    (no spills) ran 2× slower at 64k than these."""
+def _override(name: str) -> tuple[int, int, int, int] | None:
+    """A launch config from the environment ("a,b,warps,stages"; benchmarking, see sweep_backward.py)."""
+    env = os.environ.get(name)
+    if not env:
+        return None
+    values = tuple(int(x) for x in env.split(","))
+    tiles_ok = all(x >= 16 and x & (x - 1) == 0 for x in values[:2])
+    if len(values) != 4 or not tiles_ok or min(values) < 1:
+        raise ValueError(f"{name}={env!r}: expected two tile sizes (powers of two ≥ 16), warps and stages")
+    return values
+
+
+def _dq_config(dk: int, dv: int, device: str):
+    """(BLOCK_M, BLOCK_N, warps, stages) of the dq pass; NSA_BANDED_DQ="bm,bn,warps,stages" overrides.
+    Measured: 8 warps with halved tiles in both passes (no spills) ran 2× slower at 64k
+    than these."""
+    override = _override("NSA_BANDED_DQ")
+    if override:
+        return override
     if device != "cuda":
         return 16, 16, 4, 1
     if max(dk, dv) > 128:
@@ -420,10 +439,14 @@ def _bwd_config(dk: int, dv: int, device: str):
     return 64, 64, 4, 2
 
 
-def _dkdv_blocks(dk: int, dv: int, device: str):
-    """(BLOCK_N keys, BLOCK_M query rows) of the dk/dv kernel."""
+def _dkdv_config(dk: int, dv: int, device: str):
+    """(BLOCK_N keys, BLOCK_M query rows, warps, stages) of the dk/dv pass; NSA_BANDED_DKDV="bn,bm,warps,stages"
+    overrides. These spill at D = 128 (offline sm_90 compile, paper-G16: 104 B compressed, 448 B window)."""
+    override = _override("NSA_BANDED_DKDV")
+    if override:
+        return override
     if device != "cuda":
-        return 16, 16
+        return 16, 16, 4, 1
     if max(dk, dv) > 128:
-        return 64, 32
-    return 64, 64
+        return 64, 32, 4, 2
+    return 64, 64, 4, 2
