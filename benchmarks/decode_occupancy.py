@@ -118,7 +118,7 @@ def main() -> None:
     calls = []
     for kernel in ("_cmp_window_kernel", "_select_kernel", "_selected_kernel", "_combine_kernel"):
         setattr(d, kernel, Recorder(getattr(d, kernel), calls))
-    d._sm_count = lambda device: 132
+    d.multiprocessors = lambda device, stand_in: 132
     d._use_pdl = lambda device: True
     d.nsa_decode(q, k, v, kc, vc, gates, lens, PARAMS)
     print(f"{name} B={batch} T={seq_len}, Triton {triton.__version__}")

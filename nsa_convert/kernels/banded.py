@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from nsa_convert.kernels.buffers import empty
+from nsa_convert.kernels.hardware import multiprocessors
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -398,9 +399,7 @@ def _dkdv_splits(q, n_programs: int, window: int) -> int:
     all; one for the window branch, whose keys each see only the rows of one window."""
     if window:
         return 1
-    target = (
-        SPLITS_PER_SM * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
-    )
+    target = SPLITS_PER_SM * multiprocessors(q.device, 1)
     return max(1, min(64, triton.cdiv(target, n_programs)))
 
 

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from nsa_convert.kernels.banded import n_visible
 from nsa_convert.kernels.buffers import empty
+from nsa_convert.kernels.hardware import multiprocessors
 from nsa_convert.spec import SparsityParams, num_compressed_blocks, num_selection_blocks
 
 LOG2E = 1.4426950408889634
@@ -463,12 +464,6 @@ def _combine_kernel(
     )
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _use_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch (Hopper and later): each launch after the first starts its programs
     while the previous one drains, instead of after it (they wait for its results before reading them)."""
@@ -499,7 +494,7 @@ def _decode_chunk(q, k, v, k_cmp, v_cmp, gates, lens, params, k_win, v_win):
         k_cmp = q.new_zeros(batch, 1, hkv, dk)
         v_cmp = q.new_zeros(batch, 1, hkv, dv)
     tiles = max(1, triton.cdiv(tc_bound, bc))
-    n_split = max(1, min(tiles, MAX_SPLITS, triton.cdiv(WAVES * _sm_count(device), batch * hkv)))
+    n_split = max(1, min(tiles, MAX_SPLITS, triton.cdiv(WAVES * multiprocessors(device, 4), batch * hkv)))
     split_len = triton.cdiv(tiles, n_split) * bc
     n_split = max(1, triton.cdiv(tc_bound, split_len))
     span = WIN_SPAN or BW
