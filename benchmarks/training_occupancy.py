@@ -64,7 +64,7 @@ def main() -> None:
     selected._gather_consts = lambda x, *rest: gather(_on_cuda(x), *rest)
     for name in ("_fwd_config", "_dq_config", "_dkdv_config"):
         config = getattr(banded, name)
-        setattr(banded, name, lambda dk, dv, _, config=config: config(dk, dv, "cuda"))
+        setattr(banded, name, lambda dk, dv, _, *rest, config=config: config(dk, dv, "cuda", *rest))
     splits = banded._dkdv_splits
     banded._dkdv_splits = lambda x, n, window: splits(_on_cuda(x), n, window)
     torch.cuda.get_device_properties = lambda device: SimpleNamespace(multi_processor_count=H100_SMS)

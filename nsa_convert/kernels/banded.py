@@ -367,7 +367,7 @@ def banded_backward(
         scale, scale * LOG2E, ACCUM=accum_dq, BLOCK_M=block_m, BLOCK_N=block_n, **consts,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    kv_block_n, kv_block_m, warps, stages = _dkdv_config(dkh, dvh, q.device.type)
+    kv_block_n, kv_block_m, warps, stages = _dkdv_config(dkh, dvh, q.device.type, window)
     if max_len_k == 0:
         return
     n_kb = triton.cdiv(max_len_k, kv_block_n)
@@ -438,14 +438,16 @@ def _dq_config(dk: int, dv: int, device: str):
     return 64, 64, 4, 2
 
 
-def _dkdv_config(dk: int, dv: int, device: str):
+def _dkdv_config(dk: int, dv: int, device: str, window: int):
     """(BLOCK_N keys, BLOCK_M query rows, warps, stages) of the dk/dv pass; NSA_BANDED_DKDV="bn,bm,warps,stages"
-    overrides. These spill at D = 128 (offline sm_90 compile, paper-G16: 104 B compressed, 448 B window)."""
+    overrides. Measured at 64k (sweep_backward.py, 2026-12-08): 32-row tiles (no spills) speed the window
+    branch up (win bwd 17.1 → 16.4 ms paper-G16, 10.0 → 9.0 llama-G4) and slow the compressed one (43.5 → 46.7,
+    25.0 → 27.0), whose 64-row tiles spill 104 B (offline sm_90 compile); 8 warps or 32-key tiles lost 20–40%."""
     override = _override("NSA_BANDED_DKDV")
     if override:
         return override
     if device != "cuda":
         return 16, 16, 4, 1
-    if max(dk, dv) > 128:
+    if max(dk, dv) > 128 or window:
         return 64, 32, 4, 2
     return 64, 64, 4, 2

@@ -418,9 +418,9 @@ def _dq_config(q, block: int) -> tuple[int, int]:
 
 
 def _dkdv_config(q, block: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, warps, stages, CHUNK, keys per program) of the dk/dv pass, measured on the H100 (NOTES.md):
-    64 rows with 8 warps beat 32/8 (the old setting), 64/4 and 128/8; smaller chunks did not help at 8k.
-    Whole blocks per program take 255 registers and spill (offline sm_90 compile: one program per SM).
+    """(BLOCK_M, warps, stages, CHUNK, keys per program) of the dk/dv pass, measured on the H100 at 64k
+    (sweep_backward.py, 2026-12-08): 32 rows with 4 warps and whole blocks, slc bwd 63.4 → 43.8 ms paper-G16
+    and 67.5 → 56.3 ms llama-G4 against 64 rows with 8 warps (the earlier setting; 32/8 was slower still).
     NSA_SLC_DKDV="bm,warps,stages,chunk[,keys]" overrides (benchmarking; keys a power of two ≥ 16 dividing
     the padded block)."""
     env = os.environ.get("NSA_SLC_DKDV")
@@ -429,7 +429,7 @@ def _dkdv_config(q, block: int) -> tuple[int, int, int, int, int]:
         return (*values[:4], _key_tile("NSA_SLC_DKDV", values[4], block) if len(values) > 4 else block)
     if q.device.type != "cuda":
         return 16, 4, 1, 8, block
-    return 64, 8, 2, 1024, block
+    return 32, 4, 2, 1024, block
 
 
 def _key_tile(variable: str, keys: int, block: int) -> int:
