@@ -440,9 +440,9 @@ def _dq_config(dk: int, dv: int, device: str):
 
 def _dkdv_config(dk: int, dv: int, device: str, window: int):
     """(BLOCK_N keys, BLOCK_M query rows, warps, stages) of the dk/dv pass; NSA_BANDED_DKDV="bn,bm,warps,stages"
-    overrides. Measured at 64k (sweep_backward.py, 2026-12-08): 32-row tiles (no spills) speed the window
-    branch up (win bwd 17.1 → 16.4 ms paper-G16, 10.0 → 9.0 llama-G4) and slow the compressed one (43.5 → 46.7,
-    25.0 → 27.0), whose 64-row tiles spill 104 B (offline sm_90 compile); 8 warps or 32-key tiles lost 20–40%."""
+    overrides. Measured at 64k (sweep_backward.py, 2026-12-08): 32-row tiles speed the window branch up (win
+    bwd 17.1 → 16.4 ms paper-G16, 10.0 → 9.0 llama-G4; they spill 256 B instead of 448 in the offline sm_90
+    compile) and slow the compressed one (43.5 → 46.7, 25.0 → 27.0); 8 warps or 32-key tiles lost 20–40%."""
     override = _override("NSA_BANDED_DKDV")
     if override:
         return override
