@@ -354,7 +354,7 @@ def banded_backward(
     hq, dkh = q.shape[1], q.shape[2]
     hkv, dvh = k.shape[1], v.shape[2]
     group = hq // hkv
-    block_m, block_n, warps, stages = _dq_config(dkh, dvh, q.device.type)
+    block_m, block_n, warps, stages = _dq_config(dkh, dvh, q.device.type, window)
     consts = dict(
         GROUP=group, KSTRIDE=stride, KSPAN=span, WINDOW=window, BRANCH=branch,
         DK=dkh, DV=dvh, BDK=_pow2(dkh), BDV=_pow2(dvh),
@@ -424,15 +424,18 @@ def _override(name: str) -> tuple[int, int, int, int] | None:
     return values
 
 
-def _dq_config(dk: int, dv: int, device: str):
+def _dq_config(dk: int, dv: int, device: str, window: int):
     """(BLOCK_M, BLOCK_N, warps, stages) of the dq pass; NSA_BANDED_DQ="bm,bn,warps,stages" overrides.
-    Measured: 8 warps with halved tiles in both passes (no spills) ran 2× slower at 64k
-    than these."""
+    Measured at 64k: 8 warps with halved tiles in both passes (no spills) ran 2× slower than these; 32-key
+    tiles in 3 stages speed the window branch up (win bwd 17.1 → 16.6 ms paper-G16, 10.0 → 9.5 llama-G4,
+    sweep_backward.py 2026-12-08) and leave the compressed one as it is (43.5, 25.0 → 25.5)."""
     override = _override("NSA_BANDED_DQ")
     if override:
         return override
     if device != "cuda":
         return 16, 16, 4, 1
+    if window and max(dk, dv) <= 128:
+        return 64, 32, 4, 3
     if max(dk, dv) > 128:
         return 64, 32, 4, 2
     return 64, 64, 4, 2
