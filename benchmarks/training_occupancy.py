@@ -77,7 +77,7 @@ def main() -> None:
 
 
 def _on_cuda(x: torch.Tensor) -> SimpleNamespace:
-    return SimpleNamespace(device=torch.device("cuda"), shape=x.shape, is_cuda=True)
+    return SimpleNamespace(device=torch.device("cuda"), shape=x.shape)
 
 
 if __name__ == "__main__":

@@ -306,10 +306,11 @@ def test_backward_with_other_banded_tiles_matches_reference(hq, hkv, rng, monkey
     _check_backward(hq, hkv, 75, DEFAULTISH, True, rng)
 
 
-@pytest.mark.parametrize("value", ["64,64,4", "24,64,4,2", "64,64,0,2"])
-def test_malformed_banded_overrides_are_refused(value, rng, monkeypatch):
-    monkeypatch.setenv("NSA_BANDED_DKDV", value)
-    with pytest.raises(ValueError, match="NSA_BANDED_DKDV"):
+@pytest.mark.parametrize("variable", ["NSA_BANDED_DQ", "NSA_BANDED_DKDV"])
+@pytest.mark.parametrize("value", ["64,64,4", "24,64,4,2", "64,64,0,2", "64,64,3,2", "64,x,4,2"])
+def test_malformed_banded_overrides_are_refused(variable, value, rng, monkeypatch):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=variable):
         _check_backward(4, 1, 40, DEFAULTISH, False, rng)
 
 

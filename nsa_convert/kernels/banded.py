@@ -417,10 +417,15 @@ def _override(name: str) -> tuple[int, int, int, int] | None:
     env = os.environ.get(name)
     if not env:
         return None
-    values = tuple(int(x) for x in env.split(","))
-    tiles_ok = all(x >= 16 and x & (x - 1) == 0 for x in values[:2])
-    if len(values) != 4 or not tiles_ok or min(values) < 1:
-        raise ValueError(f"{name}={env!r}: expected two tile sizes (powers of two ≥ 16), warps and stages")
+    problem = f"{name}={env!r}: expected two tile sizes (powers of two ≥ 16), warps (a power of two), stages"
+    try:
+        values = tuple(int(x) for x in env.split(","))
+    except ValueError:
+        raise ValueError(problem) from None
+    if len(values) != 4 or min(values[:2]) < 16 or values[3] < 1:
+        raise ValueError(problem)
+    if any(x < 1 or x & (x - 1) for x in values[:3]):
+        raise ValueError(problem)
     return values
 
 
@@ -445,7 +450,8 @@ def _dkdv_config(dk: int, dv: int, device: str, window: int):
     """(BLOCK_N keys, BLOCK_M query rows, warps, stages) of the dk/dv pass; NSA_BANDED_DKDV="bn,bm,warps,stages"
     overrides. Measured at 64k (sweep_backward.py, 2026-12-08): 32-row tiles speed the window branch up (win
     bwd 17.1 → 16.4 ms paper-G16, 10.0 → 9.0 llama-G4; they spill 256 B instead of 448 in the offline sm_90
-    compile) and slow the compressed one (43.5 → 46.7, 25.0 → 27.0); 8 warps or 32-key tiles lost 20–40%."""
+    compile) and slow the compressed one (43.5 → 46.7, 25.0 → 27.0); 8 warps or 32-key tiles cost the
+    compressed branch 37–62% and the window's up to 31% (one exception: 32 keys × 64 rows, llama −2%)."""
     override = _override("NSA_BANDED_DKDV")
     if override:
         return override

@@ -420,7 +420,7 @@ def _dq_config(q, block: int) -> tuple[int, int]:
 def _dkdv_config(q, block: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, warps, stages, CHUNK, keys per program) of the dk/dv pass, measured on the H100 at 64k
     (sweep_backward.py, 2026-12-08): 32 rows with 4 warps and whole blocks, slc bwd 63.4 → 43.8 ms paper-G16
-    and 67.5 → 56.3 ms llama-G4 against 64 rows with 8 warps (the earlier setting; 32/8 was slower still).
+    and 67.5 → 56.3 ms llama-G4 against 64 rows with 8 warps (the earlier setting).
     NSA_SLC_DKDV="bm,warps,stages,chunk[,keys]" overrides (benchmarking; keys a power of two ≥ 16 dividing
     the padded block)."""
     env = os.environ.get("NSA_SLC_DKDV")
