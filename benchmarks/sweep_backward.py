@@ -9,8 +9,8 @@ Each config builds `bench_attention.branch_steps`' random inputs once and runs t
 backward sees real lse, selections and gates. Every variant (one override; "default" is none) runs each
 backward step it changes (`slc bwd` for the selected overrides, `cmp bwd` and `win bwd` for the banded ones)
 once on zeroed gradients, to compare them with the default's (other tiles change the float32 summation
-order, and through bf16-rounded products up to about 1e-3 of the largest value; anything near 1 is a bug), and is timed (median of
-`triton.testing.do_bench`). The overrides are read at each launch, so one process can time them all;
+order, and through bf16-rounded products, up to about 1e-3 of the largest value; anything near 1 is a
+bug), and is timed (median of `triton.testing.do_bench`). The overrides are read at each launch, so one process can time them all;
 `training_occupancy.py` gives their registers offline. (Named `sweep_selected.py`, selected overrides only,
 until the seventh session of 2026-12-08.)
 """
@@ -97,12 +97,7 @@ def main() -> None:
                     f"{', '.join(f'{g} {e:.1e}' for g, e in errors.items())} |",
                     flush=True,
                 )
-                records.append(
-                    dict(
-                        config=config, step=step_name, override=label, ms=ms,
-                        errors=errors,
-                    )
-                )  # fmt: skip
+                records.append(dict(config=config, step=step_name, override=label, ms=ms, errors=errors))
         del steps, outputs, defaults, grads, ref
         torch.cuda.empty_cache()
     if args.json:
