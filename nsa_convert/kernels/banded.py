@@ -21,6 +21,7 @@ import triton.language as tl
 
 from nsa_convert.kernels.buffers import empty
 from nsa_convert.kernels.hardware import multiprocessors
+from nsa_convert.kernels.tiles import load_cols, load_rows
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -100,11 +101,7 @@ def banded_fwd_kernel(
         s = start + tl.arange(0, BLOCK_N)
         s_ok = s < hi
         ktok = (k_start + s).to(tl.int64)
-        kt = tl.load(
-            k_base + ktok[None, :] * sk_t + dk[:, None],
-            mask=s_ok[None, :] & (dk[:, None] < DK),
-            other=0.0,
-        )
+        kt = load_cols(k_base, ktok, s_ok, sk_t, dk, DK)
         qk = tl.dot(q, kt) * scale_log2
         vis = _visible(s[None, :], t[:, None], KSTRIDE, KSPAN, WINDOW) & s_ok[None, :]
         qk = tl.where(vis, qk, float("-inf"))
@@ -114,11 +111,7 @@ def banded_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
         if MODE != _LSE_ONLY:
-            vt = tl.load(
-                v_base + ktok[:, None] * sv_t + dv[None, :],
-                mask=s_ok[:, None] & (dv[None, :] < DV),
-                other=0.0,
-            )
+            vt = load_rows(v_base, ktok, s_ok, sv_t, dv, DV)
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
     nonempty = l_i > 0
     lse = tl.where(nonempty, (m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0))) * LN2_C, float("-inf"))
@@ -198,16 +191,8 @@ def banded_bwd_dq_kernel(
         s = start + tl.arange(0, BLOCK_N)
         s_ok = s < hi
         ktok = (k_start + s).to(tl.int64)
-        kk = tl.load(
-            k_base + ktok[:, None] * sk_t + dk[None, :],
-            mask=s_ok[:, None] & (dk[None, :] < DK),
-            other=0.0,
-        )
-        vt = tl.load(
-            v_base + ktok[None, :] * sv_t + dv[:, None],
-            mask=s_ok[None, :] & (dv[:, None] < DV),
-            other=0.0,
-        )
+        kk = load_rows(k_base, ktok, s_ok, sk_t, dk, DK)
+        vt = load_cols(v_base, ktok, s_ok, sv_t, dv, DV)
         qk = tl.dot(q, tl.trans(kk)) * scale_log2
         vis = _visible(s[None, :], t[:, None], KSTRIDE, KSPAN, WINDOW) & s_ok[None, :]
         p = tl.where(vis, tl.math.exp2(qk - lse2[:, None]), 0.0)
@@ -260,16 +245,8 @@ def banded_bwd_dkdv_kernel(
     ktok = (k_start + s).to(tl.int64)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
-    kk = tl.load(
-        K + ktok[:, None] * sk_t + h * sk_h + dk[None, :],
-        mask=s_ok[:, None] & (dk[None, :] < DK),
-        other=0.0,
-    )
-    vv = tl.load(
-        V + ktok[:, None] * sv_t + h * sv_h + dv[None, :],
-        mask=s_ok[:, None] & (dv[None, :] < DV),
-        other=0.0,
-    )
+    kk = load_rows(K + h * sk_h, ktok, s_ok, sk_t, dk, DK)
+    vv = load_rows(V + h * sv_h, ktok, s_ok, sv_t, dv, DV)
     t_first = n0 * KSTRIDE + KSPAN - 1
     t_end = T
     if WINDOW > 0:

@@ -38,6 +38,7 @@ import triton.language as tl
 from nsa_convert.kernels.banded import n_visible
 from nsa_convert.kernels.buffers import empty
 from nsa_convert.kernels.hardware import multiprocessors
+from nsa_convert.kernels.tiles import load_cols, load_rows
 from nsa_convert.spec import SparsityParams, num_compressed_blocks, num_selection_blocks
 
 LOG2E = 1.4426950408889634
@@ -157,8 +158,8 @@ def _window_tile(q, KW, VW, skw_t, svw_t, p, length, rows_w, scale_log2, row_ok,
     """One online-softmax step over window keys p (right-aligned cache rows, those ≥ length masked)."""
     p_ok = p < length
     row = (rows_w - length + p).to(tl.int64)
-    kt = tl.load(KW + row[None, :] * skw_t + dk[:, None], mask=p_ok[None, :] & (dk[:, None] < DK), other=0.0)
-    vv = tl.load(VW + row[:, None] * svw_t + dv[None, :], mask=p_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    kt = load_cols(KW, row, p_ok, skw_t, dk, DK)
+    vv = load_rows(VW, row, p_ok, svw_t, dv, DV)
     s = tl.dot(q, kt) * scale_log2
     vis = row_ok[:, None] & p_ok[None, :] & (p[None, :] <= t[:, None]) & (p[None, :] > t[:, None] - WINDOW)
     m_i, l_i, acc, _ = _online(m_i, l_i, acc, tl.where(vis, s, float("-inf")), vv)
@@ -236,16 +237,8 @@ def _cmp_window_kernel(
         for c0 in range(lo, hi, BLOCK):
             c = c0 + tl.arange(0, BLOCK)
             c_ok = c < hi
-            kt = tl.load(
-                k_base + c[None, :].to(tl.int64) * skc_t + dk[:, None],
-                mask=c_ok[None, :] & (dk[:, None] < DK),
-                other=0.0,
-            )
-            vv = tl.load(
-                v_base + c[:, None].to(tl.int64) * svc_t + dv[None, :],
-                mask=c_ok[:, None] & (dv[None, :] < DV),
-                other=0.0,
-            )
+            kt = load_cols(k_base, c.to(tl.int64), c_ok, skc_t, dk, DK)
+            vv = load_rows(v_base, c.to(tl.int64), c_ok, svc_t, dv, DV)
             s = tl.dot(q, kt) * scale_log2
             s = tl.where(c[None, :] < nvis[:, None], s, float("-inf"))
             m_i, l_i, acc, p = _online(m_i, l_i, acc, s, vv)
@@ -397,16 +390,8 @@ def _selected_kernel(
                 p = blk * SEL + within
                 p_ok = (blk >= 0) & (within < SEL) & (p <= length - n_new + jq)
                 row = rows_k - length + p
-                kt = tl.load(
-                    k_base + row[None, :] * sk_t + dk[:, None],
-                    mask=p_ok[None, :] & (dk[:, None] < DK),
-                    other=0.0,
-                )
-                vv = tl.load(
-                    v_base + row[:, None] * sv_t + dv[None, :],
-                    mask=p_ok[:, None] & (dv[None, :] < DV),
-                    other=0.0,
-                )
+                kt = load_cols(k_base, row, p_ok, sk_t, dk, DK)
+                vv = load_rows(v_base, row, p_ok, sv_t, dv, DV)
                 s = tl.dot(q, kt) * scale_log2
                 s = tl.where((row_ok & (jr == jq))[:, None] & p_ok[None, :], s, float("-inf"))
                 m_i, l_i, acc, _ = _online(m_i, l_i, acc, s, vv)

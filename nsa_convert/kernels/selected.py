@@ -26,6 +26,7 @@ import triton.language as tl
 
 from nsa_convert.kernels.banded import ADD_ACC, LN2_C, LOG2E
 from nsa_convert.kernels.buffers import empty
+from nsa_convert.kernels.tiles import load_cols, load_rows
 
 
 @triton.jit
@@ -83,16 +84,8 @@ def selected_fwd_kernel(
         s = j * SEL + kb
         s_ok = (kb < SEL) & (s <= t) & (s >= 0)
         ktok = (q_start + s).to(tl.int64)
-        kt = tl.load(
-            k_base + ktok[None, :] * sk_t + dk[:, None],
-            mask=s_ok[None, :] & (dk[:, None] < DK),
-            other=0.0,
-        )
-        vv = tl.load(
-            v_base + ktok[:, None] * sv_t + dv[None, :],
-            mask=s_ok[:, None] & (dv[None, :] < DV),
-            other=0.0,
-        )
+        kt = load_cols(k_base, ktok, s_ok, sk_t, dk, DK)
+        vv = load_rows(v_base, ktok, s_ok, sv_t, dv, DV)
         qk = tl.where(s_ok[None, :], tl.dot(q, kt) * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.math.exp2(m_i - m_new)
@@ -147,16 +140,8 @@ def selected_dq_kernel(
         s = j * SEL + kb
         s_ok = (kb < SEL) & (s <= t) & (s >= 0)
         ktok = (q_start + s).to(tl.int64)
-        kk = tl.load(
-            k_base + ktok[:, None] * sk_t + dk[None, :],
-            mask=s_ok[:, None] & (dk[None, :] < DK),
-            other=0.0,
-        )
-        vt = tl.load(
-            v_base + ktok[None, :] * sv_t + dv[:, None],
-            mask=s_ok[None, :] & (dv[:, None] < DV),
-            other=0.0,
-        )
+        kk = load_rows(k_base, ktok, s_ok, sk_t, dk, DK)
+        vt = load_cols(v_base, ktok, s_ok, sv_t, dv, DV)
         qk = tl.dot(q, tl.trans(kk)) * scale_log2
         p = tl.where(s_ok[None, :], tl.math.exp2(qk - lse2[:, None]), 0.0)
         pdp = p * tl.dot(do, vt)
@@ -212,12 +197,8 @@ def selected_fwd_blocks_kernel(
     ktok = (q_start + s).to(tl.int64)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
-    kt = tl.load(
-        K + ktok[None, :] * sk_t + h * sk_h + dk[:, None], mask=s_ok[None, :] & (dk[:, None] < DK), other=0.0
-    )
-    vv = tl.load(
-        V + ktok[:, None] * sv_t + h * sv_h + dv[None, :], mask=s_ok[:, None] & (dv[None, :] < DV), other=0.0
-    )
+    kt = load_cols(K + h * sk_h, ktok, s_ok, sk_t, dk, DK)
+    vv = load_rows(V + h * sv_h, ktok, s_ok, sv_t, dv, DV)
     n_rows = (p_end - p_begin) * GROUP
     for row0 in range(0, n_rows, BLOCK_M):
         rows = row0 + tl.arange(0, BLOCK_M)
@@ -310,12 +291,8 @@ def selected_dkdv_kernel(
     ktok = (q_start + s).to(tl.int64)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
-    kk = tl.load(
-        K + ktok[:, None] * sk_t + h * sk_h + dk[None, :], mask=s_ok[:, None] & (dk[None, :] < DK), other=0.0
-    )
-    vv = tl.load(
-        V + ktok[:, None] * sv_t + h * sv_h + dv[None, :], mask=s_ok[:, None] & (dv[None, :] < DV), other=0.0
-    )
+    kk = load_rows(K + h * sk_h, ktok, s_ok, sk_t, dk, DK)
+    vv = load_rows(V + h * sv_h, ktok, s_ok, sv_t, dv, DV)
     n_rows = (p_end - p_begin) * GROUP
     acc_dk = tl.zeros([KB, BDK], tl.float32)
     acc_dv = tl.zeros([KB, BDV], tl.float32)

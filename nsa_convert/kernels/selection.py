@@ -22,6 +22,7 @@ import triton.language as tl
 
 from nsa_convert.kernels.banded import LOG2E, n_visible
 from nsa_convert.kernels.buffers import empty
+from nsa_convert.kernels.tiles import load_cols
 
 
 @triton.jit
@@ -98,11 +99,7 @@ def select_scores_kernel(
     for j0 in range(0, nb_hi, BJ):
         ci = j0 * RATIO + col_blk * RATIO + col_u
         c_ok = (col_u < RATIO) & (ci < Tk)
-        kc = tl.load(
-            kc_base + (k_start + ci).to(tl.int64)[None, :] * sk_t + dk[:, None],
-            mask=c_ok[None, :] & (dk[:, None] < DK),
-            other=0.0,
-        )
+        kc = load_cols(kc_base, (k_start + ci).to(tl.int64), c_ok, sk_t, dk, DK)
         qk = tl.dot(q, kc) * scale_log2
         vis = c_ok[None, :] & (ci[None, :] < nvis[:, None])
         p = tl.where(vis, tl.math.exp2(qk - lse2[:, None]), 0.0)
