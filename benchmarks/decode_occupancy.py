@@ -8,6 +8,9 @@ multiples of 16 aligned, integers equal to 1 constant). Prints registers, spille
 programs per multiprocessor (the tighter of the register and shared-memory limits) and waves. Registers
 depend on the Triton version: the device's Triton 3.6 (`pip install --target DIR triton==3.6.0`, then
 PYTHONPATH=DIR) reproduced Nsight Compute's registers, grids and waves exactly on the H100 (RESULTS.md).
+
+With --ptx DIR, each launch's PTX is also written to DIR/NN_kernel.ptx without its debug line information:
+a refactor that leaves the PTX of two trees identical (`diff -r`) needs no GPU timing.
 """
 
 import argparse
@@ -15,6 +18,7 @@ import os
 import re
 import subprocess
 import tempfile
+from pathlib import Path
 
 import torch
 import triton
@@ -35,6 +39,7 @@ TYPES = {
     torch.float16: "*fp16",
 }
 LAUNCH = {"num_warps", "num_stages", "launch_pdl", "maxnreg"}
+LINE_INFO = re.compile(r"\s*(\.loc|\.file|//)")
 
 
 class Recorder:
@@ -47,8 +52,8 @@ class Recorder:
         return lambda *args, **kwargs: self.calls.append((self.fn, grid, args, kwargs))
 
 
-def compile_call(fn, grid, args, kwargs) -> None:
-    """Compile one recorded launch for sm_90 and print its resources."""
+def compile_call(fn, grid, args, kwargs, ptx: Path | None = None) -> None:
+    """Compile one recorded launch for sm_90 and print its resources; write its PTX to the file `ptx`."""
     names = fn.arg_names
     sig, constexprs, attrs = {}, {}, {}
     values = dict(zip(names, args, strict=False))
@@ -78,6 +83,9 @@ def compile_call(fn, grid, args, kwargs) -> None:
     options = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     options.setdefault("num_warps", 4)
     k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=TARGET, options=options)
+    if ptx is not None:
+        ptx.parent.mkdir(parents=True, exist_ok=True)
+        ptx.write_text(without_line_info(k.asm["ptx"]))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
@@ -100,11 +108,28 @@ def compile_call(fn, grid, args, kwargs) -> None:
     )
 
 
+def without_line_info(ptx: str) -> str:
+    """The PTX without what changes when only source lines move: .loc/.file directives, comments, the
+    labels that mark inlined calls, and the debug sections."""
+    ptx = re.sub(r"\.section\s+\.debug.*", "", ptx, flags=re.S)
+    ptx = re.sub(r"\$L__(tmp|func_begin|func_end)\d+:?", "", ptx)
+    return "\n".join(
+        line for line in ptx.splitlines() if line.strip() not in ("", ":") and not LINE_INFO.match(line)
+    )
+
+
+def record_and_compile(calls: list, ptx_dir: Path | None) -> None:
+    """Compile the recorded launches in order (PTX to ptx_dir/NN_kernel.ptx when given)."""
+    for i, call in enumerate(calls, 1):
+        compile_call(*call, ptx=None if ptx_dir is None else ptx_dir / f"{i:02d}_{call[0].__name__}.ptx")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", choices=sorted(CONFIGS))
     parser.add_argument("batch", type=int)
     parser.add_argument("context", type=int, nargs="?", default=65536)
+    parser.add_argument("--ptx", type=Path, help="also write each kernel's PTX into this directory")
     args = parser.parse_args()
     name, batch, seq_len = args.config, args.batch, args.context
     hq, hkv, dim = CONFIGS[name]
@@ -122,8 +147,7 @@ def main() -> None:
     d._use_pdl = lambda device: True
     d.nsa_decode(q, k, v, kc, vc, gates, lens, PARAMS)
     print(f"{name} B={batch} T={seq_len}, Triton {triton.__version__}")
-    for call in calls:
-        compile_call(*call)
+    record_and_compile(calls, args.ptx)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,19 @@ the selected backward; the selection's launches are skipped, their parameters ar
 device), run on meta tensors with the launch parameters the GPU would
 get (the `NSA_SLC_*` and `NSA_BANDED_*` overrides apply as on the GPU). They are recorded and compiled as in
 `decode_occupancy.py`, which prints registers, spilled stack, shared memory, programs per multiprocessor
-and waves. The selection's inversion needs data, so its outputs are stand-ins of the right sizes (the grid
-of the selected dk/dv pass is its static upper bound). (Named `selected_occupancy.py`, selected kernels
-only, until the sixth session of 2026-12-07.)
+and waves (with --ptx DIR, also the PTX, as there). The selection's inversion needs data, so its outputs
+are stand-ins of the right sizes (the grid of the selected dk/dv pass is its static upper bound). (Named
+`selected_occupancy.py`, selected kernels only, until the sixth session of 2026-12-07.)
 """
 
 import argparse
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import triton
 from bench_attention import CONFIGS, PARAMS, branch_steps
-from decode_occupancy import Recorder, compile_call
+from decode_occupancy import Recorder, record_and_compile
 
 from nsa_convert.kernels import banded, selected, selection
 
@@ -40,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", choices=sorted(CONFIGS))
     parser.add_argument("context", type=int, nargs="?", default=65536)
+    parser.add_argument("--ptx", type=Path, help="also write each kernel's PTX into this directory")
     args = parser.parse_args()
     hkv = CONFIGS[args.config][2]
 
@@ -72,8 +74,7 @@ def main() -> None:
     for step in steps.values():
         step()
     print(f"{args.config} T={args.context} (launches in the order of bench_attention's breakdown)")
-    for call in calls:
-        compile_call(*call)
+    record_and_compile(calls, args.ptx)
 
 
 def _on_cuda(x: torch.Tensor) -> SimpleNamespace:
