@@ -237,8 +237,9 @@ def _cmp_window_kernel(
         for c0 in range(lo, hi, BLOCK):
             c = c0 + tl.arange(0, BLOCK)
             c_ok = c < hi
-            kt = load_cols(k_base, c.to(tl.int64), c_ok, skc_t, dk, DK)
-            vv = load_rows(v_base, c.to(tl.int64), c_ok, svc_t, dv, DV)
+            row = c.to(tl.int64)
+            kt = load_cols(k_base, row, c_ok, skc_t, dk, DK)
+            vv = load_rows(v_base, row, c_ok, svc_t, dv, DV)
             s = tl.dot(q, kt) * scale_log2
             s = tl.where(c[None, :] < nvis[:, None], s, float("-inf"))
             m_i, l_i, acc, p = _online(m_i, l_i, acc, s, vv)
