@@ -21,7 +21,7 @@ import triton.language as tl
 
 from nsa_convert.kernels.buffers import empty
 from nsa_convert.kernels.hardware import multiprocessors
-from nsa_convert.kernels.tiles import load_cols, load_rows
+from nsa_convert.kernels.tiles import load_cols, load_pairs, load_rows
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -81,11 +81,7 @@ def banded_fwd_kernel(
     tok = (q_start + t).to(tl.int64)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
-    q = tl.load(
-        Q + tok[:, None] * sq_t + hq[:, None] * sq_h + dk[None, :],
-        mask=row_ok[:, None] & (dk[None, :] < DK),
-        other=0.0,
-    )
+    q = load_pairs(Q, tok, hq, row_ok, sq_t, sq_h, dk, DK)
     t_lo = row0 // GROUP
     t_hi = tl.minimum(T - 1, (row0 + BLOCK_M - 1) // GROUP)
     hi = tl.minimum(n_visible(t_hi, KSTRIDE, KSPAN), Tk)
@@ -164,16 +160,8 @@ def banded_bwd_dq_kernel(
     tok = (q_start + t).to(tl.int64)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
-    q = tl.load(
-        Q + tok[:, None] * sq_t + hq[:, None] * sq_h + dk[None, :],
-        mask=row_ok[:, None] & (dk[None, :] < DK),
-        other=0.0,
-    )
-    do = tl.load(
-        DO + tok[:, None] * sd_t + hq[:, None] * sd_h + dv[None, :],
-        mask=row_ok[:, None] & (dv[None, :] < DV),
-        other=0.0,
-    )
+    q = load_pairs(Q, tok, hq, row_ok, sq_t, sq_h, dk, DK)
+    do = load_pairs(DO, tok, hq, row_ok, sd_t, sd_h, dv, DV)
     lse = tl.load(LSE + tok * sl_t + hq * sl_h + BRANCH, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     t_lo = row0 // GROUP
@@ -262,16 +250,8 @@ def banded_bwd_dkdv_kernel(
         hq = h * GROUP + rows % GROUP
         row_ok = rows < r_end
         tok = (q_start + t).to(tl.int64)
-        q = tl.load(
-            Q + tok[:, None] * sq_t + hq[:, None] * sq_h + dk[None, :],
-            mask=row_ok[:, None] & (dk[None, :] < DK),
-            other=0.0,
-        )
-        do = tl.load(
-            DO + tok[:, None] * sd_t + hq[:, None] * sd_h + dv[None, :],
-            mask=row_ok[:, None] & (dv[None, :] < DV),
-            other=0.0,
-        )
+        q = load_pairs(Q, tok, hq, row_ok, sq_t, sq_h, dk, DK)
+        do = load_pairs(DO, tok, hq, row_ok, sd_t, sd_h, dv, DV)
         lse = tl.load(LSE + tok * sl_t + hq * sl_h + BRANCH, mask=row_ok, other=float("-inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(DELTA + tok * sdl_t + hq * sdl_h + BRANCH, mask=row_ok, other=0.0)

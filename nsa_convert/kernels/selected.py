@@ -26,7 +26,7 @@ import triton.language as tl
 
 from nsa_convert.kernels.banded import ADD_ACC, LN2_C, LOG2E
 from nsa_convert.kernels.buffers import empty
-from nsa_convert.kernels.tiles import load_cols, load_rows
+from nsa_convert.kernels.tiles import load_cols, load_pairs, load_rows
 
 
 @triton.jit
@@ -206,11 +206,7 @@ def selected_fwd_blocks_kernel(
         t = tl.load(POS + p_begin + rows // GROUP, mask=row_ok, other=0).to(tl.int64) - q_start
         entry = tl.load(ENTRY + p_begin + rows // GROUP, mask=row_ok, other=0).to(tl.int64)
         g = rows % GROUP
-        q = tl.load(
-            Q + (q_start + t)[:, None] * sq_t + (h * GROUP + g)[:, None] * sq_h + dk[None, :],
-            mask=row_ok[:, None] & (dk[None, :] < DK),
-            other=0.0,
-        )
+        q = load_pairs(Q, q_start + t, h * GROUP + g, row_ok, sq_t, sq_h, dk, DK)
         vis = s_ok[None, :] & (s[None, :] <= t[:, None])
         qk = tl.where(vis, tl.dot(q, kt) * scale_log2, float("-inf"))
         m = tl.max(qk, 1)
@@ -302,16 +298,8 @@ def selected_dkdv_kernel(
         tok = tl.load(POS + p_begin + rows // GROUP, mask=row_ok, other=0).to(tl.int64)
         t = tok - q_start
         hq = h * GROUP + rows % GROUP
-        q = tl.load(
-            Q + tok[:, None] * sq_t + hq[:, None] * sq_h + dk[None, :],
-            mask=row_ok[:, None] & (dk[None, :] < DK),
-            other=0.0,
-        )
-        do = tl.load(
-            DO + tok[:, None] * sd_t + hq[:, None] * sd_h + dv[None, :],
-            mask=row_ok[:, None] & (dv[None, :] < DV),
-            other=0.0,
-        )
+        q = load_pairs(Q, tok, hq, row_ok, sq_t, sq_h, dk, DK)
+        do = load_pairs(DO, tok, hq, row_ok, sd_t, sd_h, dv, DV)
         lse = tl.load(LSE + tok * sl_t + hq * sl_h + 1, mask=row_ok, other=float("-inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(DELTA + tok * sdl_t + hq * sdl_h + 1, mask=row_ok, other=0.0)

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from nsa_convert.kernels.banded import LOG2E, n_visible
 from nsa_convert.kernels.buffers import empty
-from nsa_convert.kernels.tiles import load_cols
+from nsa_convert.kernels.tiles import load_cols, load_pairs
 
 
 @triton.jit
@@ -74,11 +74,7 @@ def select_scores_kernel(
     hq = h * GROUP + g
     tok = (q_start + t).to(tl.int64)
     dk = tl.arange(0, BDK)
-    q = tl.load(
-        Q + tok[:, None] * sq_t + hq[:, None] * sq_h + dk[None, :],
-        mask=row_ok[:, None] & (dk[None, :] < DK),
-        other=0.0,
-    )
+    q = load_pairs(Q, tok, hq, row_ok, sq_t, sq_h, dk, DK)
     lse = tl.load(LSE + tok * sl_t + hq * sl_h, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     nvis = n_visible(t, CSTRIDE, CSPAN)

@@ -1,10 +1,11 @@
-"""Masked loads of gathered key/value tiles, the one load shape every attention kernel here repeats.
+"""Masked loads of gathered tiles, the load shapes every attention kernel here repeats.
 
 A tile gathers `index.shape[0]` cache rows (token positions, compressed entries, selected keys) of one
 head, each `stride` elements apart, and the first WIDTH of the `cols` columns; rows where `ok` is false
 and padded columns read as zeros, so they add nothing to a matrix product. `load_rows` gives the tile as
 stored ([rows, cols]: the operand of p·V, or of dsᵀ·K); `load_cols` its transpose ([cols, rows]: the Kᵀ of
-q·Kᵀ), loaded transposed rather than transposed in registers.
+q·Kᵀ), loaded transposed rather than transposed in registers. `load_pairs` gathers the query-side rows
+(q, dO) of (token, query head) pairs, the flattened rows of a group-centric program.
 """
 
 from __future__ import annotations
@@ -29,5 +30,15 @@ def load_cols(base, index, ok, stride, cols, WIDTH: tl.constexpr):
     return tl.load(
         base + index[None, :] * stride + cols[:, None],
         mask=ok[None, :] & (cols[:, None] < WIDTH),
+        other=0.0,
+    )
+
+
+@triton.jit
+def load_pairs(base, tok, head, ok, stride_t, stride_h, cols, WIDTH: tl.constexpr):
+    """[len(tok), len(cols)]: element (i, c) at base + tok[i]·stride_t + head[i]·stride_h + cols[c]."""
+    return tl.load(
+        base + tok[:, None] * stride_t + head[:, None] * stride_h + cols[None, :],
+        mask=ok[:, None] & (cols[None, :] < WIDTH),
         other=0.0,
     )
