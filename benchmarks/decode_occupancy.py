@@ -39,7 +39,7 @@ TYPES = {
     torch.float16: "*fp16",
 }
 LAUNCH = {"num_warps", "num_stages", "launch_pdl", "maxnreg"}
-LINE_INFO = re.compile(r"\s*(\.loc|\.file|//)")
+LINE_INFO = re.compile(r"\s*(\.loc\b|\.file\b|//)")
 
 
 class Recorder:
@@ -53,7 +53,8 @@ class Recorder:
 
 
 def compile_call(fn, grid, args, kwargs, ptx: Path | None = None) -> None:
-    """Compile one recorded launch for sm_90 and print its resources; write its PTX to the file `ptx`."""
+    """Compile one recorded launch for sm_90 and print its resources; write its PTX to the file `ptx`,
+    when given."""
     names = fn.arg_names
     sig, constexprs, attrs = {}, {}, {}
     values = dict(zip(names, args, strict=False))
@@ -84,7 +85,6 @@ def compile_call(fn, grid, args, kwargs, ptx: Path | None = None) -> None:
     options.setdefault("num_warps", 4)
     k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=TARGET, options=options)
     if ptx is not None:
-        ptx.parent.mkdir(parents=True, exist_ok=True)
         ptx.write_text(without_line_info(k.asm["ptx"]))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
@@ -113,13 +113,13 @@ def without_line_info(ptx: str) -> str:
     labels that mark inlined calls, and the debug sections."""
     ptx = re.sub(r"\.section\s+\.debug.*", "", ptx, flags=re.S)
     ptx = re.sub(r"\$L__(tmp|func_begin|func_end)\d+:?", "", ptx)
-    return "\n".join(
-        line for line in ptx.splitlines() if line.strip() not in ("", ":") and not LINE_INFO.match(line)
-    )
+    return "\n".join(line for line in ptx.splitlines() if line.strip() and not LINE_INFO.match(line))
 
 
-def record_and_compile(calls: list, ptx_dir: Path | None) -> None:
+def compile_calls(calls: list[tuple], ptx_dir: Path | None) -> None:
     """Compile the recorded launches in order (PTX to ptx_dir/NN_kernel.ptx when given)."""
+    if ptx_dir is not None:
+        ptx_dir.mkdir(parents=True, exist_ok=True)
     for i, call in enumerate(calls, 1):
         compile_call(*call, ptx=None if ptx_dir is None else ptx_dir / f"{i:02d}_{call[0].__name__}.ptx")
 
@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("config", choices=sorted(CONFIGS))
     parser.add_argument("batch", type=int)
     parser.add_argument("context", type=int, nargs="?", default=65536)
-    parser.add_argument("--ptx", type=Path, help="also write each kernel's PTX into this directory")
+    parser.add_argument("--ptx", type=Path, help="also write each launch's PTX into this directory")
     args = parser.parse_args()
     name, batch, seq_len = args.config, args.batch, args.context
     hq, hkv, dim = CONFIGS[name]
@@ -147,7 +147,7 @@ def main() -> None:
     d._use_pdl = lambda device: True
     d.nsa_decode(q, k, v, kc, vc, gates, lens, PARAMS)
     print(f"{name} B={batch} T={seq_len}, Triton {triton.__version__}")
-    record_and_compile(calls, args.ptx)
+    compile_calls(calls, args.ptx)
 
 
 if __name__ == "__main__":

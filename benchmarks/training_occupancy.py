@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import torch
 import triton
 from bench_attention import CONFIGS, PARAMS, branch_steps
-from decode_occupancy import Recorder, record_and_compile
+from decode_occupancy import Recorder, compile_calls
 
 from nsa_convert.kernels import banded, selected, selection
 
@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", choices=sorted(CONFIGS))
     parser.add_argument("context", type=int, nargs="?", default=65536)
-    parser.add_argument("--ptx", type=Path, help="also write each kernel's PTX into this directory")
+    parser.add_argument("--ptx", type=Path, help="also write each launch's PTX into this directory")
     args = parser.parse_args()
     hkv = CONFIGS[args.config][2]
 
@@ -74,7 +74,7 @@ def main() -> None:
     for step in steps.values():
         step()
     print(f"{args.config} T={args.context} (launches in the order of bench_attention's breakdown)")
-    record_and_compile(calls, args.ptx)
+    compile_calls(calls, args.ptx)
 
 
 def _on_cuda(x: torch.Tensor) -> SimpleNamespace:

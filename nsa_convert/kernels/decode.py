@@ -38,7 +38,7 @@ import triton.language as tl
 from nsa_convert.kernels.banded import n_visible
 from nsa_convert.kernels.buffers import empty
 from nsa_convert.kernels.hardware import multiprocessors
-from nsa_convert.kernels.tiles import load_cols, load_rows
+from nsa_convert.kernels.tiles import load_cols, load_pairs, load_rows
 from nsa_convert.spec import SparsityParams, num_compressed_blocks, num_selection_blocks
 
 LOG2E = 1.4426950408889634
@@ -220,11 +220,7 @@ def _cmp_window_kernel(
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     b64 = b.to(tl.int64)
-    q = tl.load(
-        Q + b64 * sq_b + jr[:, None] * sq_t + (h * GROUP + r % GROUP)[:, None] * sq_h + dk[None, :],
-        mask=row_ok[:, None] & (dk[None, :] < DK),
-        other=0.0,
-    )
+    q = load_pairs(Q + b64 * sq_b, jr, h * GROUP + r % GROUP, row_ok, sq_t, sq_h, dk, DK)
     if pid < n_split:
         m_i = tl.full([ROWS], -1.0e30, tl.float32)
         l_i = tl.zeros([ROWS], tl.float32)
@@ -364,11 +360,7 @@ def _selected_kernel(
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     b64 = b.to(tl.int64)
-    q = tl.load(
-        Q + b64 * sq_b + jr[:, None] * sq_t + (h * GROUP + r % GROUP)[:, None] * sq_h + dk[None, :],
-        mask=row_ok[:, None] & (dk[None, :] < DK),
-        other=0.0,
-    )
+    q = load_pairs(Q + b64 * sq_b, jr, h * GROUP + r % GROUP, row_ok, sq_t, sq_h, dk, DK)
     if window:
         t = length - n_new + jr
         _window_span(

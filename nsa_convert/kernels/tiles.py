@@ -1,11 +1,11 @@
-"""Masked loads of gathered tiles, the load shapes every attention kernel here repeats.
+"""Masked loads of gathered tiles: the load shapes the attention kernels here have in common.
 
 A tile gathers `index.shape[0]` cache rows (token positions, compressed entries, selected keys) of one
 head, each `stride` elements apart, and the first WIDTH of the `cols` columns; rows where `ok` is false
 and padded columns read as zeros, so they add nothing to a matrix product. `load_rows` gives the tile as
-stored ([rows, cols]: the operand of p·V, or of dsᵀ·K); `load_cols` its transpose ([cols, rows]: the Kᵀ of
-q·Kᵀ), loaded transposed rather than transposed in registers. `load_pairs` gathers the query-side rows
-(q, dO) of (token, query head) pairs, the flattened rows of a group-centric program.
+stored ([rows, cols]: the operand of p·V, or of dsᵀ·K); `load_cols` its transpose ([cols, rows]: the Kᵀ
+of q·Kᵀ or the Vᵀ of dO·Vᵀ), loaded transposed rather than transposed in registers. `load_pairs` gathers
+the query-side rows (q, dO) of (token, query head) pairs, the flattened rows of a group-centric program.
 """
 
 from __future__ import annotations
