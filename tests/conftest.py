@@ -19,9 +19,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def rng():
-    """A fresh, seeded generator per test: random inputs, reproducible failures."""
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little") % 2**31)
+def rng(request):
+    """A fresh, seeded generator per test: random inputs, reproducible failures (a failure's report names
+    the seed; NSA_TEST_SEED=N reruns with it)."""
+    seed = int(os.environ.get("NSA_TEST_SEED") or int.from_bytes(os.urandom(4), "little") % 2**31)
+    request.node.user_properties.append(("rng seed", seed))
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Name the rng fixture's seed in the report of a failed test."""
+    report = (yield).get_result()
+    seeds = [value for name, value in item.user_properties if name == "rng seed"]
+    if report.failed and seeds:
+        report.sections.append(("rng seed", f"{seeds[0]} (rerun with NSA_TEST_SEED={seeds[0]})"))
 
 
 @pytest.fixture
