@@ -10,9 +10,9 @@ backward sees real lse, selections and gates. Every variant (one override; "defa
 backward step it changes (`slc bwd` for the selected overrides, `cmp bwd` and `win bwd` for the banded ones)
 once on zeroed gradients, to compare them with the default's (other tiles change the float32 summation
 order, and through bf16-rounded products, up to about 1e-3 of the largest value; anything near 1 is a
-bug), and is timed (median of `triton.testing.do_bench`). The overrides are read at each launch, so one process can time them all;
-`training_occupancy.py` gives their registers offline. (Named `sweep_selected.py`, selected overrides only,
-until the seventh session of 2026-12-08.)
+bug), and is timed (median of `triton.testing.do_bench`). The overrides are read at each launch, so one
+process can time them all; `training_occupancy.py` gives their registers offline. (Named
+`sweep_selected.py`, selected overrides only, until the seventh session of 2026-12-08.)
 """
 
 from __future__ import annotations

@@ -404,11 +404,12 @@ def _dq_config(dk: int, dv: int, device: str, window: int):
 
 
 def _dkdv_config(dk: int, dv: int, device: str, window: int):
-    """(BLOCK_N keys, BLOCK_M query rows, warps, stages) of the dk/dv pass; NSA_BANDED_DKDV="bn,bm,warps,stages"
-    overrides. Measured at 64k (sweep_backward.py, 2026-12-08): 32-row tiles speed the window branch up (win
-    bwd 17.1 → 16.4 ms paper-G16, 10.0 → 9.0 llama-G4; they spill 256 B instead of 448 in the offline sm_90
-    compile) and slow the compressed one (43.5 → 46.7, 25.0 → 27.0); 8 warps or 32-key tiles cost the
-    compressed branch 37–62% and the window's up to 31% (one exception: 32 keys × 64 rows, llama −2%)."""
+    """(BLOCK_N keys, BLOCK_M query rows, warps, stages) of the dk/dv pass;
+    NSA_BANDED_DKDV="bn,bm,warps,stages" overrides. Measured at 64k (sweep_backward.py, 2026-12-08): 32-row
+    tiles speed the window branch up (win bwd 17.1 → 16.4 ms paper-G16, 10.0 → 9.0 llama-G4; they spill
+    256 B instead of 448 in the offline sm_90 compile) and slow the compressed one (43.5 → 46.7, 25.0 →
+    27.0); 8 warps or 32-key tiles cost the compressed branch 37–62% and the window's up to 31% (one
+    exception: 32 keys × 64 rows, llama −2%)."""
     override = _override("NSA_BANDED_DKDV")
     if override:
         return override
